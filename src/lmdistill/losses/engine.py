@@ -1,0 +1,137 @@
+"""The loss engine: KD + CE value and student-logit gradient for a block of trained positions.
+
+One kernel serves every API. It takes a chunk of student logits `zs [C, V]` and teacher logits
+`zt [C, V]` (rows = trained positions only), walks it in small row blocks, and overwrites `zs` with
+d loss / d zs. Because the gradient is computed in the forward pass, the fused loss never keeps logits
+for backward and never recomputes them: per token chunk it holds exactly two `[C, V]` buffers.
+
+    loss = alpha * CE(zs, labels) + (1 - alpha) * T^2 * D(softmax(zt / T) || softmax(zs / T))
+
+with D from `divergences.py`; CE is at T = 1 on the same positions. With `top_k`, the teacher keeps its k
+largest logits renormalized over them; divergences in NEEDS_TAIL_BUCKET instead compare the k tokens
+plus one "rest" category holding each side's remaining (unrenormalized) mass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lmdistill.errors import LmdistillError
+from lmdistill.losses.divergences import DIVERGENCES, NEEDS_TAIL_BUCKET, canonical_divergence
+
+# Row blocks hold ~this many elements per temporary: large enough for vectorized kernels, small enough
+# that the ~8 temporaries of a block stay in the tens of MiB at Qwen's vocabulary of 151,936.
+ROW_BLOCK_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """Validated loss options (the keywords of the public loss functions)."""
+
+    divergence: str = "forward_kl"
+    temperature: float = 1.0
+    alpha: float = 0.0
+    skew_lambda: float = 0.1
+    jsd_beta: float = 0.5
+    top_k: int | None = None
+    ignore_index: int = -100
+    reduction: str = "mean"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "divergence", canonical_divergence(self.divergence))
+        checks = [
+            (math.isfinite(self.temperature) and self.temperature > 0, "temperature", "> 0", self.temperature),
+            (0.0 <= self.alpha <= 1.0, "alpha", "in [0, 1]", self.alpha),
+            (0.0 <= self.skew_lambda <= 1.0, "skew_lambda", "in [0, 1]", self.skew_lambda),
+            (0.0 < self.jsd_beta < 1.0, "jsd_beta", "in (0, 1) (the JSD vanishes at 0 and 1; use "
+             "forward_kl or reverse_kl there)", self.jsd_beta),
+            (self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 1), "top_k",
+             "None or an integer >= 1", self.top_k),
+            (self.reduction in ("mean", "sum"), "reduction", "'mean' or 'sum'", self.reduction),
+        ]
+        for ok, name, expected, found in checks:
+            if not ok:
+                raise LmdistillError(f"{name}: expected {expected}, found {found!r}.")
+
+    def params(self) -> dict:
+        return {"skew_lambda": self.skew_lambda, "jsd_beta": self.jsd_beta}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype of the engine: float64 stays float64 (for references), anything else is fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _log_rest(log_probs: Tensor, idx: Tensor) -> Tensor:
+    """log of the probability mass outside the columns `idx` of each row: [R, V], [R, k] -> [R, 1]."""
+    return log_probs.scatter(-1, idx, -math.inf).logsumexp(-1, keepdim=True)
+
+
+def _kd_block(zs: Tensor, zt: Tensor, cfg: KDConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Divergence per row, dD/dlog q [R, V] and log q [R, V] for raw logits zs, zt [R, V]."""
+    fn, T = DIVERGENCES[cfg.divergence], cfg.temperature
+    zs_t, zt_t = (zs, zt) if T == 1.0 else (zs / T, zt / T)
+    logq = torch.log_softmax(zs_t, -1)
+    k = cfg.top_k
+    if k is None or k >= zs.shape[-1]:
+        value, a = fn(torch.log_softmax(zt_t, -1), logq, **cfg.params())
+        return value, a, logq
+    vals, idx = zt_t.topk(k, dim=-1, sorted=False)  # same top-k set at any T > 0
+    if cfg.divergence not in NEEDS_TAIL_BUCKET:
+        logp = torch.full_like(logq, -math.inf).scatter_(-1, idx, torch.log_softmax(vals, -1))
+        value, a = fn(logp, logq, **cfg.params())
+        return value, a, logq
+    logp_all = torch.log_softmax(zt_t, -1)
+    logp_cat = torch.cat([logp_all.gather(-1, idx), _log_rest(logp_all, idx)], -1)
+    logq_rest = _log_rest(logq, idx)
+    value, a_cat = fn(logp_cat, torch.cat([logq.gather(-1, idx), logq_rest], -1), **cfg.params())
+    # Each token outside the top-k gets the rest bucket's gradient in proportion to its share of q_rest.
+    q_rest = logq_rest.exp()
+    per_unit = torch.where(q_rest > 0, a_cat[:, -1:] / q_rest, q_rest.new_zeros(()))
+    a = (logq.exp() * per_unit).scatter_(-1, idx, a_cat[:, :-1])
+    return value, a, logq
+
+
+def _loss_block_(zs: Tensor, zt: Tensor, target: Tensor, cfg: KDConfig, weight: float) -> tuple[Tensor, Tensor]:
+    """KD and CE sums of a row block; overwrites zs [R, V] with weight * d loss / d zs."""
+    value, a, logq = _kd_block(zs, zt, cfg)
+    q = logq.exp()
+    # d(T^2 D(z / T))/dz = T * (a - q * sum(a))
+    grad = (a - q * a.sum(-1, keepdim=True)).mul_((1.0 - cfg.alpha) * cfg.temperature * weight)
+    ce = zs.new_zeros(())
+    if cfg.alpha > 0:
+        logq1 = logq if cfg.temperature == 1.0 else torch.log_softmax(zs, -1)
+        ce = -logq1.gather(-1, target[:, None]).sum()
+        g = logq1.exp().scatter_add_(-1, target[:, None], logq1.new_full((len(target), 1), -1.0))
+        grad.add_(g, alpha=cfg.alpha * weight)
+    zs.copy_(grad)
+    return value.sum(), ce
+
+
+def loss_chunk_(zs: Tensor, zt: Tensor, target: Tensor, cfg: KDConfig, weight: float) -> tuple[Tensor, Tensor]:
+    """KD and CE sums over a chunk of trained rows; overwrites zs [C, V] with weight * d loss / d zs.
+
+    zs, zt: [C, V] logits in the compute dtype (zt is only read); target: [C] label ids (used for CE).
+    """
+    rows = max(1, ROW_BLOCK_ELEMENTS // max(1, zs.shape[-1]))
+    kd = zs.new_zeros(())
+    ce = zs.new_zeros(())
+    for start in range(0, zs.shape[0], rows):
+        block = slice(start, start + rows)
+        kd_b, ce_b = _loss_block_(zs[block], zt[block], target[block], cfg, weight)
+        kd += kd_b
+        ce += ce_b
+    return kd, ce
+
+
+def check_labels(target: Tensor, vocab: int, cfg: KDConfig) -> None:
+    """CE needs every trained label to be a real token id."""
+    if cfg.alpha > 0 and target.numel() and (target.min() < 0 or target.max() >= vocab):
+        bad = target[(target < 0) | (target >= vocab)][0].item()
+        raise LmdistillError(
+            f"labels: expected token ids in [0, {vocab}) or ignore_index={cfg.ignore_index}, found {bad}."
+        )

@@ -1,0 +1,250 @@
+"""Public loss functions: `distillation_loss` on logits and `fused_distillation_loss` on hidden states.
+
+    loss = alpha * CE(labels) + (1 - alpha) * T^2 * D(teacher || student)
+
+averaged over trained positions (`reduction="mean"`) or summed (`"sum"`, for a training loop that divides
+once by the global number of trained tokens). Labels are aligned with the logits (no shift inside);
+positions equal to `ignore_index` contribute nothing. The teacher is treated as a constant.
+
+`fused_distillation_loss(hs, Ws, ht, Wt, labels)` equals `distillation_loss(hs @ Ws.T, ht @ Wt.T, labels)`
+in value and gradients (to hs, Ws and the optional student bias) but walks the trained positions in token
+chunks, computing each chunk's logits in fp32 and its gradient in the forward pass, so at most one chunk
+of `[tokens, vocab]` logits per model exists at a time and nothing is recomputed in backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lmdistill.errors import LmdistillError
+from lmdistill.losses.engine import KDConfig, check_labels, compute_dtype, loss_chunk_
+
+# Default memory for the two fp32 [chunk, vocab] logit buffers of the fused loss when chunk_size=None:
+# 256 tokens at Qwen's 151,936-token vocabulary, where the matmuls are already near full speed on CPU.
+DEFAULT_CHUNK_BUDGET_BYTES = 320 * 2**20
+# bf16/fp16 weights are upcast to fp32 in vocabulary tiles of at most this many bytes.
+WEIGHT_TILE_BYTES = 64 * 2**20
+
+
+@dataclass
+class LossParts:
+    """A loss with its parts: `loss` (differentiable), the KD and CE sums over trained positions (unscaled by
+    alpha and T^2, for logging) and the number of trained positions."""
+
+    loss: Tensor | None = None
+    kd_sum: float = 0.0
+    ce_sum: float = 0.0
+    n_tokens: int = 0
+
+    def record(self, kd: Tensor, ce: Tensor, n: int) -> None:
+        self.kd_sum, self.ce_sum, self.n_tokens = kd.item(), ce.item(), n
+
+
+def _trained_rows(labels: Tensor, ignore_index: int) -> Tensor:
+    return (labels.reshape(-1) != ignore_index).nonzero().squeeze(1)
+
+
+def _weight(cfg: KDConfig, n: int) -> float:
+    return 1.0 / n if (cfg.reduction == "mean" and n > 0) else 1.0
+
+
+def _combine(kd: Tensor, ce: Tensor, cfg: KDConfig, weight: float) -> Tensor:
+    return (cfg.alpha * ce + (1.0 - cfg.alpha) * cfg.temperature**2 * kd) * weight
+
+
+def _check_vocab(vs: int, vt: int, vocab_size: int | None, what: str) -> int:
+    if vocab_size is None:
+        if vs != vt:
+            raise LmdistillError(
+                f"{what}: student vocabulary {vs} != teacher vocabulary {vt}. If both models share a tokenizer "
+                "and only the embedding padding differs, pass vocab_size=len(tokenizer) to compare the real "
+                "tokens; different tokenizers cannot be distilled token by token."
+            )
+        return vs
+    if vocab_size < 1 or vocab_size > min(vs, vt):
+        raise LmdistillError(f"vocab_size: expected 1..{min(vs, vt)} (both models' sizes), found {vocab_size}.")
+    return vocab_size
+
+
+class _LogitsKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, zs: Tensor, zt: Tensor, labels: Tensor, cfg: KDConfig, chunk: int, parts: LossParts):
+        V = zs.shape[-1]
+        zs2, zt2, lab = zs.reshape(-1, V), zt.reshape(-1, V), labels.reshape(-1)
+        rows = _trained_rows(labels, cfg.ignore_index)
+        check_labels(lab[rows], V, cfg)
+        dt, weight = compute_dtype(zs.dtype), _weight(cfg, len(rows))
+        grad = torch.empty(len(rows) if ctx.needs_input_grad[0] else 0, V, dtype=zs.dtype, device=zs.device)
+        kd, ce = zs.new_zeros((), dtype=dt), zs.new_zeros((), dtype=dt)
+        for start in range(0, len(rows), chunk):
+            r = rows[start : start + chunk]
+            buf = zs2.index_select(0, r).to(dt)
+            kd_c, ce_c = loss_chunk_(buf, zt2.index_select(0, r).to(dt), lab[r], cfg, weight)
+            if len(grad):
+                grad[start : start + chunk] = buf
+            kd, ce = kd + kd_c, ce + ce_c
+        ctx.save_for_backward(grad, rows)
+        ctx.shape = zs.shape
+        parts.record(kd, ce, len(rows))
+        return _combine(kd, ce, cfg, weight)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        grad, rows = ctx.saved_tensors
+        full = grad.new_zeros(ctx.shape)
+        full.view(-1, ctx.shape[-1]).index_copy_(0, rows, grad * g.to(grad.dtype))
+        return full, None, None, None, None, None
+
+
+def _project(h: Tensor, W: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
+    """out [C, V] = h @ W.T + b in out's dtype; low-precision weights are upcast tile by tile."""
+    dt = out.dtype
+    if W.dtype == dt:
+        torch.mm(h, W.t(), out=out)
+    else:
+        tile = max(1, WEIGHT_TILE_BYTES // (W.shape[1] * out.element_size()))
+        for s in range(0, W.shape[0], tile):
+            out[:, s : s + tile] = h @ W[s : s + tile].to(dt).t()
+    if b is not None:
+        out.add_(b.to(dt))
+    return out
+
+
+def _project_back(g: Tensor, W: Tensor) -> Tensor:
+    """g [C, V] @ W [V, H] in g's dtype; low-precision weights are upcast tile by tile."""
+    if W.dtype == g.dtype:
+        return g @ W
+    tile = max(1, WEIGHT_TILE_BYTES // (W.shape[1] * g.element_size()))
+    return sum(g[:, s : s + tile] @ W[s : s + tile].to(g.dtype) for s in range(0, W.shape[0], tile))
+
+
+def auto_chunk_size(vocab: int, n_rows: int, dtype: torch.dtype = torch.float32) -> int:
+    """Tokens per chunk so the two [chunk, vocab] logit buffers fit DEFAULT_CHUNK_BUDGET_BYTES."""
+    per_row = 2 * vocab * torch.empty((), dtype=compute_dtype(dtype)).element_size()
+    return max(1, min(max(n_rows, 1), DEFAULT_CHUNK_BUDGET_BYTES // per_row))
+
+
+class _FusedKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs, Ws, bs, ht, Wt, bt, labels, cfg: KDConfig, chunk: int | None, V: int, parts: LossParts):
+        hs2, ht2, lab = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]), labels.reshape(-1)
+        rows = _trained_rows(labels, cfg.ignore_index)
+        check_labels(lab[rows], V, cfg)
+        dt, weight, n = compute_dtype(hs.dtype), _weight(cfg, len(rows)), len(rows)
+        chunk = chunk or auto_chunk_size(V, n, hs.dtype)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dh = torch.zeros(n, hs2.shape[1], dtype=dt, device=hs.device)
+        dW = torch.zeros(Ws.shape, dtype=dt, device=hs.device) if need_w else None
+        db = torch.zeros(bs.shape, dtype=dt, device=hs.device) if need_b else None
+        zs_buf = torch.empty(min(chunk, n), V, dtype=dt, device=hs.device)
+        zt_buf = torch.empty_like(zs_buf)
+        kd, ce = dh.new_zeros(()), dh.new_zeros(())
+        for start in range(0, n, chunk):
+            r = rows[start : start + chunk]
+            h = hs2.index_select(0, r).to(dt)
+            zs = _project(h, Ws[:V], None if bs is None else bs[:V], zs_buf[: len(r)])
+            zt = _project(ht2.index_select(0, r).to(dt), Wt[:V], None if bt is None else bt[:V], zt_buf[: len(r)])
+            kd_c, ce_c = loss_chunk_(zs, zt, lab[r], cfg, weight)
+            kd, ce = kd + kd_c, ce + ce_c
+            if need_h:
+                dh[start : start + chunk] = _project_back(zs, Ws[:V])
+            if need_w:
+                dW[:V].addmm_(zs.t(), h)
+            if need_b:
+                db[:V] += zs.sum(0)
+        del zs_buf, zt_buf
+        full_dh = None
+        if need_h:
+            full_dh = torch.zeros(hs2.shape, dtype=hs.dtype, device=hs.device).index_copy_(0, rows, dh.to(hs.dtype))
+            full_dh = full_dh.view(hs.shape)
+        grads = (full_dh, None if dW is None else dW.to(Ws.dtype), None if db is None else db.to(bs.dtype))
+        ctx.present = [g is not None for g in grads]
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        parts.record(kd, ce, n)
+        return _combine(kd, ce, cfg, weight)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        saved, scale = iter(ctx.saved_tensors), g.item()
+        grads = [next(saved) if present else None for present in ctx.present]
+        grads = [x if x is None or scale == 1.0 else x * scale for x in grads]
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None, None
+
+
+def _check_shapes(what: str, a: Tensor, b: Tensor, labels: Tensor, dims: tuple[str, str]) -> None:
+    if a.shape[:-1] != labels.shape or b.shape[:-1] != labels.shape:
+        raise LmdistillError(
+            f"{what}: expected {dims[0]} {tuple(a.shape)} and {dims[1]} {tuple(b.shape)} to have the labels' "
+            f"shape {tuple(labels.shape)} plus one last dimension; they do not match."
+        )
+
+
+def distillation_loss_parts(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *,
+                            vocab_size: int | None = None, chunk_size: int | None = None, **options) -> LossParts:
+    """`distillation_loss` with its KD/CE sums and token count (for logging)."""
+    cfg = KDConfig(**options)
+    _check_shapes("distillation_loss", student_logits, teacher_logits, labels, ("student_logits", "teacher_logits"))
+    V = _check_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size, "distillation_loss")
+    zs, zt = student_logits[..., :V], teacher_logits[..., :V].detach()
+    chunk = chunk_size or auto_chunk_size(V, labels.numel(), zs.dtype)
+    parts = LossParts()
+    parts.loss = _LogitsKD.apply(zs, zt, labels, cfg, chunk, parts)
+    return parts
+
+
+def fused_distillation_loss_parts(student_hidden: Tensor, student_lm_head_weight: Tensor, teacher_hidden: Tensor,
+                                  teacher_lm_head_weight: Tensor, labels: Tensor, *, chunk_size: int | None = None,
+                                  vocab_size: int | None = None, student_lm_head_bias: Tensor | None = None,
+                                  teacher_lm_head_bias: Tensor | None = None, **options) -> LossParts:
+    """`fused_distillation_loss` with its KD/CE sums and token count (for logging)."""
+    cfg = KDConfig(**options)
+    Ws, Wt = student_lm_head_weight, teacher_lm_head_weight.detach()
+    _check_shapes("fused_distillation_loss", student_hidden, teacher_hidden, labels, ("student_hidden", "teacher_hidden"))
+    for name, h, W in (("student", student_hidden, Ws), ("teacher", teacher_hidden, Wt)):
+        if W.dim() != 2 or W.shape[1] != h.shape[-1]:
+            raise LmdistillError(
+                f"fused_distillation_loss: expected {name}_lm_head_weight of shape [vocab, {h.shape[-1]}] "
+                f"(the {name} hidden size), found {tuple(W.shape)}."
+            )
+    V = _check_vocab(Ws.shape[0], Wt.shape[0], vocab_size, "fused_distillation_loss")
+    if chunk_size is not None and chunk_size < 1:
+        raise LmdistillError(f"chunk_size: expected None or an integer >= 1, found {chunk_size}.")
+    bt = None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach()
+    parts = LossParts()
+    parts.loss = _FusedKD.apply(student_hidden, Ws, student_lm_head_bias, teacher_hidden.detach(), Wt, bt, labels,
+                                cfg, chunk_size, V, parts)
+    return parts
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, divergence: str = "forward_kl",
+                      temperature: float = 1.0, alpha: float = 0.0, skew_lambda: float = 0.1, jsd_beta: float = 0.5,
+                      top_k: int | None = None, ignore_index: int = -100, reduction: str = "mean", **kwargs) -> Tensor:
+    """KD loss on logits `[..., V]` with labels `[...]` (see the module docstring for the formula).
+
+    Extra keywords: `vocab_size` (compare only the first vocab_size columns, for padded embeddings) and
+    `chunk_size` (rows processed at once).
+    """
+    return distillation_loss_parts(student_logits, teacher_logits, labels, divergence=divergence,
+                                   temperature=temperature, alpha=alpha, skew_lambda=skew_lambda, jsd_beta=jsd_beta,
+                                   top_k=top_k, ignore_index=ignore_index, reduction=reduction, **kwargs).loss
+
+
+def fused_distillation_loss(student_hidden: Tensor, student_lm_head_weight: Tensor, teacher_hidden: Tensor,
+                            teacher_lm_head_weight: Tensor, labels: Tensor, divergence: str = "forward_kl",
+                            temperature: float = 1.0, alpha: float = 0.0, skew_lambda: float = 0.1,
+                            jsd_beta: float = 0.5, top_k: int | None = None, ignore_index: int = -100,
+                            reduction: str = "mean", chunk_size: int | None = None, **kwargs) -> Tensor:
+    """KD loss from hidden states `[..., H]` and lm_head weights `[V, H]`, one logits chunk at a time.
+
+    Equals `distillation_loss(hs @ Ws.T, ht @ Wt.T, labels, ...)` in value and gradients. Extra keywords:
+    `vocab_size`, `student_lm_head_bias`, `teacher_lm_head_bias`. `chunk_size=None` picks the chunk from
+    DEFAULT_CHUNK_BUDGET_BYTES.
+    """
+    return fused_distillation_loss_parts(student_hidden, student_lm_head_weight, teacher_hidden,
+                                         teacher_lm_head_weight, labels, divergence=divergence,
+                                         temperature=temperature, alpha=alpha, skew_lambda=skew_lambda,
+                                         jsd_beta=jsd_beta, top_k=top_k, ignore_index=ignore_index,
+                                         reduction=reduction, chunk_size=chunk_size, **kwargs).loss

@@ -1,0 +1,252 @@
+"""The loss engine against a float64 reference written from the formulas in DESIGN.md ("Loss contract")."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmdistill.errors import LmdistillError
+from lmdistill.losses import distillation_loss, distillation_loss_parts, fused_distillation_loss
+
+DIVS = ["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd"]
+
+
+def _d(P, Q, div, lam, beta):
+    """D(P || Q) per row from the contract's formulas; P, Q [N, K] probabilities."""
+    kl = lambda a, b: (torch.xlogy(a, a) - torch.xlogy(a, b)).sum(-1)  # noqa: E731
+    if div == "forward_kl":
+        return kl(P, Q)
+    if div == "reverse_kl":
+        return kl(Q, P)
+    if div == "skew_forward_kl":
+        return kl(P, lam * P + (1 - lam) * Q)
+    if div == "skew_reverse_kl":
+        return kl(Q, (1 - lam) * P + lam * Q)
+    if div == "jsd":
+        M = beta * P + (1 - beta) * Q
+        return beta * kl(P, M) + (1 - beta) * kl(Q, M)
+    return 0.5 * (P - Q).abs().sum(-1)
+
+
+def reference(zs, zt, labels, div="forward_kl", T=1.0, alpha=0.0, lam=0.1, beta=0.5, top_k=None, reduction="mean"):
+    """The contract, in float64 with plain autograd over full logits."""
+    zs, zt = zs.double(), zt.double().detach()
+    mask = labels != -100
+    zs_m, zt_m = zs[mask], zt[mask]
+    Q = torch.softmax(zs_m / T, -1)
+    if top_k is None:
+        P = torch.softmax(zt_m / T, -1)
+    else:
+        vals, idx = zt_m.topk(top_k, -1)
+        if div == "reverse_kl":  # tail bucket: k tokens + the rest of each side's mass
+            p_k = torch.softmax(zt_m / T, -1).gather(-1, idx)
+            q_k = Q.gather(-1, idx)
+            P = torch.cat([p_k, 1 - p_k.sum(-1, keepdim=True)], -1)
+            Q = torch.cat([q_k, 1 - q_k.sum(-1, keepdim=True)], -1)
+        else:
+            P = torch.zeros_like(Q).scatter(-1, idx, torch.softmax(vals / T, -1))
+    kd = _d(P, Q, div, lam, beta).sum()
+    ce = F.cross_entropy(zs_m, labels[mask], reduction="sum")
+    total = alpha * ce + (1 - alpha) * T**2 * kd
+    n = int(mask.sum())
+    return total / n if reduction == "mean" and n else total
+
+
+def _inputs(n=11, V=13, H=6, Ht=9, seed=0, dtype=torch.float64, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(n, H, generator=g, dtype=dtype)
+    Ws = torch.randn(V, H, generator=g, dtype=dtype) * scale / H**0.5
+    ht = torch.randn(n, Ht, generator=g, dtype=dtype)
+    Wt = torch.randn(V, Ht, generator=g, dtype=dtype) * scale / Ht**0.5
+    labels = torch.randint(0, V, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < 0.3] = -100
+    labels[0] = 1  # at least one trained position
+    return hs, Ws, ht, Wt, labels
+
+
+CASES = list(itertools.product(DIVS, [1.0, 2.5], [0.0, 0.4], [None, 4]))
+
+
+@pytest.mark.parametrize("div,T,alpha,top_k", CASES)
+def test_logits_loss_matches_reference_values_and_gradients(div, T, alpha, top_k):
+    hs, Ws, ht, Wt, labels = _inputs(n=11, V=13)
+    zs = (hs @ Ws.T).requires_grad_()
+    zt = ht @ Wt.T
+    kw = dict(divergence=div, temperature=T, alpha=alpha, top_k=top_k, skew_lambda=0.2, jsd_beta=0.3)
+    ours = distillation_loss(zs, zt, labels, chunk_size=4, **kw)
+    (g_ours,) = torch.autograd.grad(ours, zs)
+    zs_r = zs.detach().clone().requires_grad_()
+    ref = reference(zs_r, zt, labels, div, T, alpha, 0.2, 0.3, top_k)
+    (g_ref,) = torch.autograd.grad(ref, zs_r)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("div,T,alpha,top_k", CASES)
+def test_fused_matches_reference_values_and_gradients(div, T, alpha, top_k):
+    hs, Ws, ht, Wt, labels = _inputs(n=11, V=13, seed=1)
+    hs.requires_grad_(), Ws.requires_grad_()
+    kw = dict(divergence=div, temperature=T, alpha=alpha, top_k=top_k, skew_lambda=0.2, jsd_beta=0.3)
+    ours = fused_distillation_loss(hs, Ws, ht, Wt, labels, chunk_size=3, **kw)  # 3 does not divide 8 rows
+    g_ours = torch.autograd.grad(ours, (hs, Ws))
+    ref = reference(hs @ Ws.T, ht @ Wt.T, labels, div, T, alpha, 0.2, 0.3, top_k)
+    g_ref = torch.autograd.grad(ref, (hs, Ws))
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("div", DIVS)
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_gradcheck_both_apis(div, top_k):
+    hs, Ws, ht, Wt, labels = _inputs(n=5, V=7, H=4, Ht=5, seed=2)
+    kw = dict(divergence=div, temperature=1.5, alpha=0.3, top_k=top_k)
+    zt = ht @ Wt.T
+    zs = (hs @ Ws.T).requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: distillation_loss(z, zt, labels, **kw), (zs,))
+    hs.requires_grad_(), Ws.requires_grad_()
+    f = lambda h, w: fused_distillation_loss(h, w, ht, Wt, labels, chunk_size=2, **kw)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (hs, Ws))
+
+
+def test_fused_equals_unfused_with_bias_and_3d_shapes():
+    hs, Ws, ht, Wt, labels = _inputs(n=12, V=17, seed=3)
+    bs = torch.randn(17, dtype=torch.float64, requires_grad=True)
+    bt = torch.randn(17, dtype=torch.float64)
+    hs3, ht3, lab3 = hs.view(3, 4, -1).requires_grad_(), ht.view(3, 4, -1), labels.view(3, 4)
+    Ws.requires_grad_()
+    kw = dict(divergence="jsd", temperature=2.0, alpha=0.5, top_k=5)
+    fused = fused_distillation_loss(hs3, Ws, ht3, Wt, lab3, student_lm_head_bias=bs, teacher_lm_head_bias=bt,
+                                    chunk_size=5, **kw)
+    gf = torch.autograd.grad(fused, (hs3, Ws, bs))
+    plain = distillation_loss(hs3 @ Ws.T + bs, ht3 @ Wt.T + bt, lab3, **kw)
+    gp = torch.autograd.grad(plain, (hs3, Ws, bs))
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    for a, b in zip(gf, gp):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_zero_for_identical_and_nonnegative(div):
+    hs, Ws, ht, Wt, labels = _inputs(seed=4)
+    z = hs @ Ws.T
+    assert distillation_loss(z, z, labels, divergence=div, temperature=2.0).abs() < 1e-12
+    for seed in range(5):
+        hs, Ws, ht, Wt, labels = _inputs(seed=10 + seed)
+        assert distillation_loss(hs @ Ws.T, ht @ Wt.T, labels, divergence=div, top_k=3) >= 0
+
+
+def test_jsd_half_is_symmetric():
+    hs, Ws, ht, Wt, labels = _inputs(seed=5)
+    a, b = hs @ Ws.T, ht @ Wt.T
+    torch.testing.assert_close(distillation_loss(a, b, labels, divergence="jsd", jsd_beta=0.5),
+                               distillation_loss(b, a, labels, divergence="jsd", jsd_beta=0.5))
+
+
+def test_skew_lambda_zero_is_plain_kl_and_aliases():
+    hs, Ws, ht, Wt, labels = _inputs(seed=6)
+    a, b = hs @ Ws.T, ht @ Wt.T
+    for skew, plain in [("sfkl", "fkl"), ("srkl", "rkl")]:
+        torch.testing.assert_close(distillation_loss(a, b, labels, divergence=skew, skew_lambda=0.0),
+                                   distillation_loss(a, b, labels, divergence=plain))
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_top_k_equal_to_vocab_is_no_truncation(div):
+    hs, Ws, ht, Wt, labels = _inputs(V=13, seed=7)
+    a, b = (hs @ Ws.T).requires_grad_(), ht @ Wt.T
+    full = distillation_loss(a, b, labels, divergence=div)
+    topv = distillation_loss(a, b, labels, divergence=div, top_k=13)
+    torch.testing.assert_close(full, topv)
+    torch.testing.assert_close(*(torch.autograd.grad(x, a)[0] for x in (full, topv)))
+
+
+def test_reverse_kl_tail_bucket_is_finite_and_exact_at_k_below_vocab():
+    hs, Ws, ht, Wt, labels = _inputs(V=50, seed=8)
+    a, b = (hs @ Ws.T).requires_grad_(), ht @ Wt.T
+    loss = distillation_loss(a, b, labels, divergence="reverse_kl", top_k=1)
+    assert torch.isfinite(loss) and loss > 0
+    torch.testing.assert_close(loss, reference(a, b, labels, "reverse_kl", top_k=1))
+
+
+def test_sum_reduction_and_parts():
+    hs, Ws, ht, Wt, labels = _inputs(seed=9)
+    a, b = hs @ Ws.T, ht @ Wt.T
+    n = int((labels != -100).sum())
+    mean = distillation_loss(a, b, labels, alpha=0.5, temperature=2.0)
+    parts = distillation_loss_parts(a, b, labels, alpha=0.5, temperature=2.0, reduction="sum")
+    torch.testing.assert_close(parts.loss, mean * n)
+    assert parts.n_tokens == n
+    torch.testing.assert_close(torch.tensor(0.5 * parts.ce_sum + 0.5 * 4.0 * parts.kd_sum, dtype=torch.float64),
+                               parts.loss.detach())
+
+
+def test_all_positions_ignored_gives_zero_with_zero_gradient():
+    hs, Ws, ht, Wt, _ = _inputs(seed=10)
+    labels = torch.full((hs.shape[0],), -100)
+    hs.requires_grad_(), Ws.requires_grad_()
+    loss = fused_distillation_loss(hs, Ws, ht, Wt, labels, alpha=0.5)
+    loss.backward()
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    assert hs.grad.abs().sum() == 0 and Ws.grad.abs().sum() == 0
+    z = (hs @ Ws.T).detach().requires_grad_()
+    loss = distillation_loss(z, ht @ Wt.T, labels)
+    loss.backward()
+    assert loss.item() == 0.0 and z.grad.abs().sum() == 0
+
+
+def test_bf16_inputs_do_not_round_logits():
+    hs, Ws, ht, Wt, labels = _inputs(n=16, V=300, H=32, Ht=48, seed=11, dtype=torch.float32, scale=8.0)
+    hs, Ws, ht, Wt = (x.bfloat16() for x in (hs, Ws, ht, Wt))
+    hs.requires_grad_(), Ws.requires_grad_()
+    loss = fused_distillation_loss(hs, Ws, ht, Wt, labels, alpha=0.3, temperature=2.0, chunk_size=5)
+    gh, gw = torch.autograd.grad(loss, (hs, Ws))
+    h64, w64 = hs.detach().double().requires_grad_(), Ws.detach().double().requires_grad_()
+    ref = reference(h64 @ w64.T, ht.double() @ Wt.double().T, labels, alpha=0.3, T=2.0)
+    rh, rw = torch.autograd.grad(ref, (h64, w64))
+    assert loss.dtype == torch.float32 and gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    assert abs(loss.item() - ref.item()) < 1e-5 * max(1.0, ref.item())  # bf16-rounded logits miss by ~1e-2
+    torch.testing.assert_close(gh.double(), rh, rtol=2e-2, atol=1e-3)  # only the final cast to bf16 rounds
+    torch.testing.assert_close(gw.double(), rw, rtol=2e-2, atol=1e-3)
+
+
+def test_padded_vocab_compares_real_tokens_only():
+    hs, Ws, ht, Wt, labels = _inputs(V=13, seed=12)
+    Wt_pad = torch.cat([Wt, torch.randn(3, Wt.shape[1], dtype=Wt.dtype) * 10])  # padded rows, huge logits
+    Ws.requires_grad_()
+    with pytest.raises(LmdistillError, match="vocab_size=len"):
+        fused_distillation_loss(hs, Ws, ht, Wt_pad, labels)
+    loss = fused_distillation_loss(hs, Ws, ht, Wt_pad, labels, vocab_size=13)
+    torch.testing.assert_close(loss, fused_distillation_loss(hs, Ws, ht, Wt, labels))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(divergence="kl_div"), "Valid names: forward_kl"),
+        (dict(temperature=0.0), "temperature: expected > 0"),
+        (dict(alpha=1.5), r"alpha: expected in \[0, 1\]"),
+        (dict(top_k=0), "top_k: expected None or an integer >= 1"),
+        (dict(reduction="none"), "reduction"),
+        (dict(jsd_beta=0.0, divergence="jsd"), "jsd_beta"),
+    ],
+)
+def test_bad_options_are_clear_errors(kwargs, match):
+    hs, Ws, ht, Wt, labels = _inputs()
+    with pytest.raises(LmdistillError, match=match):
+        distillation_loss(hs @ Ws.T, ht @ Wt.T, labels, **kwargs)
+
+
+def test_shape_errors_say_which():
+    hs, Ws, ht, Wt, labels = _inputs()
+    with pytest.raises(LmdistillError, match="student_logits"):
+        distillation_loss(hs @ Ws.T, ht @ Wt.T, labels[:-1])
+    with pytest.raises(LmdistillError, match=r"teacher_lm_head_weight of shape \[vocab, 9\]"):
+        fused_distillation_loss(hs, Ws, ht, Wt[:, :-1], labels)
+    with pytest.raises(LmdistillError, match="labels: expected token ids"):
+        bad = labels.clone()
+        bad[0] = 99
+        distillation_loss(hs @ Ws.T, ht @ Wt.T, bad, alpha=0.5)
