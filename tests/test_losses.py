@@ -250,3 +250,36 @@ def test_shape_errors_say_which():
         bad = labels.clone()
         bad[0] = 99
         distillation_loss(hs @ Ws.T, ht @ Wt.T, bad, alpha=0.5)
+
+
+def test_fused_cross_entropy_matches_f_cross_entropy():
+    from lmdistill.losses import fused_cross_entropy_parts
+
+    hs, Ws, _, _, labels = _inputs(n=11, V=13, seed=13)
+    hs.requires_grad_(), Ws.requires_grad_()
+    parts = fused_cross_entropy_parts(hs, Ws, labels, chunk_size=4)
+    ref = F.cross_entropy(hs @ Ws.T, labels)
+    torch.testing.assert_close(parts.loss, ref)
+    for a, b in zip(torch.autograd.grad(parts.loss, (hs, Ws)), torch.autograd.grad(ref, (hs, Ws))):
+        torch.testing.assert_close(a, b)
+    assert parts.n_tokens == int((labels != -100).sum()) and parts.kd_sum == 0.0
+
+
+def test_fused_is_fp32_under_bf16_autocast():
+    hs, Ws, ht, Wt, labels = _inputs(n=16, V=300, H=32, Ht=48, seed=14, dtype=torch.float32, scale=8.0)
+    Ws.requires_grad_()
+    plain = fused_distillation_loss(hs, Ws, ht, Wt, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = fused_distillation_loss(hs, Ws, ht, Wt, labels)
+    torch.testing.assert_close(amp, plain, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_padded_student_rows_get_zero_gradient():
+    hs, Ws, ht, Wt, labels = _inputs(V=13, seed=15)
+    Ws_pad = torch.cat([Ws, torch.randn(2, Ws.shape[1], dtype=Ws.dtype)]).requires_grad_()
+    loss = fused_distillation_loss(hs, Ws_pad, ht, Wt, labels, vocab_size=13, alpha=0.5)
+    loss.backward()
+    assert Ws_pad.grad.shape == Ws_pad.shape and Ws_pad.grad[13:].abs().sum() == 0
+    ref_w = Ws.detach().clone().requires_grad_()
+    fused_distillation_loss(hs, ref_w, ht, Wt, labels, alpha=0.5).backward()
+    torch.testing.assert_close(Ws_pad.grad[:13], ref_w.grad)

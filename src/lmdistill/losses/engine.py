@@ -96,33 +96,38 @@ def _kd_block(zs: Tensor, zt: Tensor, cfg: KDConfig) -> tuple[Tensor, Tensor, Te
     return value, a, logq
 
 
-def _loss_block_(zs: Tensor, zt: Tensor, target: Tensor, cfg: KDConfig, weight: float) -> tuple[Tensor, Tensor]:
+def _loss_block_(zs: Tensor, zt: Tensor | None, target: Tensor, cfg: KDConfig, weight: float) -> tuple[Tensor, Tensor]:
     """KD and CE sums of a row block; overwrites zs [R, V] with weight * d loss / d zs."""
-    value, a, logq = _kd_block(zs, zt, cfg)
-    q = logq.exp()
-    # d(T^2 D(z / T))/dz = T * (a - q * sum(a))
-    grad = (a - q * a.sum(-1, keepdim=True)).mul_((1.0 - cfg.alpha) * cfg.temperature * weight)
-    ce = zs.new_zeros(())
+    ce = kd = zs.new_zeros(())
+    logq = None
+    if zt is None:  # CE only (no teacher)
+        grad = torch.zeros_like(zs)
+    else:
+        value, a, logq = _kd_block(zs, zt, cfg)
+        kd = value.sum()
+        # d(T^2 D(z / T))/dz = T * (a - q * sum(a))
+        grad = (a - logq.exp() * a.sum(-1, keepdim=True)).mul_((1.0 - cfg.alpha) * cfg.temperature * weight)
     if cfg.alpha > 0:
-        logq1 = logq if cfg.temperature == 1.0 else torch.log_softmax(zs, -1)
+        logq1 = logq if (cfg.temperature == 1.0 and logq is not None) else torch.log_softmax(zs, -1)
         ce = -logq1.gather(-1, target[:, None]).sum()
         g = logq1.exp().scatter_add_(-1, target[:, None], logq1.new_full((len(target), 1), -1.0))
         grad.add_(g, alpha=cfg.alpha * weight)
     zs.copy_(grad)
-    return value.sum(), ce
+    return kd, ce
 
 
-def loss_chunk_(zs: Tensor, zt: Tensor, target: Tensor, cfg: KDConfig, weight: float) -> tuple[Tensor, Tensor]:
+def loss_chunk_(zs: Tensor, zt: Tensor | None, target: Tensor, cfg: KDConfig, weight: float) -> tuple[Tensor, Tensor]:
     """KD and CE sums over a chunk of trained rows; overwrites zs [C, V] with weight * d loss / d zs.
 
-    zs, zt: [C, V] logits in the compute dtype (zt is only read); target: [C] label ids (used for CE).
+    zs, zt: [C, V] logits in the compute dtype (zt is only read; None = no teacher, CE only, needs alpha = 1);
+    target: [C] label ids (used for CE).
     """
     rows = max(1, ROW_BLOCK_ELEMENTS // max(1, zs.shape[-1]))
     kd = zs.new_zeros(())
     ce = zs.new_zeros(())
     for start in range(0, zs.shape[0], rows):
         block = slice(start, start + rows)
-        kd_b, ce_b = _loss_block_(zs[block], zt[block], target[block], cfg, weight)
+        kd_b, ce_b = _loss_block_(zs[block], None if zt is None else zt[block], target[block], cfg, weight)
         kd += kd_b
         ce += ce_b
     return kd, ce

@@ -127,43 +127,57 @@ def auto_chunk_size(vocab: int, n_rows: int, dtype: torch.dtype = torch.float32)
     return max(1, min(max(n_rows, 1), DEFAULT_CHUNK_BUDGET_BYTES // per_row))
 
 
+def _fused_chunks(hs2, Ws, bs, ht2, Wt, bt, lab, rows, cfg, chunk, need) -> tuple:
+    """Walk trained rows in token chunks: loss sums and gradients (dh [n, H], dW, db) in the compute dtype."""
+    dt, n, dev = compute_dtype(hs2.dtype), len(rows), hs2.device
+    weight = _weight(cfg, n)
+    dh = torch.zeros(n, hs2.shape[1], dtype=dt, device=dev) if need[0] else None
+    dW = torch.zeros(Ws.shape, dtype=dt, device=dev) if need[1] else None
+    db = torch.zeros(bs.shape, dtype=dt, device=dev) if need[2] else None
+    zs_buf = torch.empty(min(chunk, n), Ws.shape[0], dtype=dt, device=dev)
+    zt_buf = None if Wt is None else torch.empty_like(zs_buf)
+    kd, ce = zs_buf.new_zeros(()), zs_buf.new_zeros(())
+    for start in range(0, n, chunk):
+        r = rows[start : start + chunk]
+        h = hs2.index_select(0, r).to(dt)
+        zs = _project(h, Ws, bs, zs_buf[: len(r)])
+        zt = None if Wt is None else _project(ht2.index_select(0, r).to(dt), Wt, bt, zt_buf[: len(r)])
+        kd_c, ce_c = loss_chunk_(zs, zt, lab[r], cfg, weight)  # zs now holds d loss / d logits
+        kd, ce = kd + kd_c, ce + ce_c
+        if dh is not None:
+            dh[start : start + chunk] = _project_back(zs, Ws)
+        if dW is not None:
+            dW.addmm_(zs.t(), h)
+        if db is not None:
+            db += zs.sum(0)
+    return kd, ce, weight, dh, dW, db
+
+
 class _FusedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, Ws, bs, ht, Wt, bt, labels, cfg: KDConfig, chunk: int | None, V: int, parts: LossParts):
-        hs2, ht2, lab = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]), labels.reshape(-1)
+        hs2, lab = hs.reshape(-1, hs.shape[-1]), labels.reshape(-1)
+        ht2 = None if ht is None else ht.reshape(-1, ht.shape[-1])
         rows = _trained_rows(labels, cfg.ignore_index)
         check_labels(lab[rows], V, cfg)
-        dt, weight, n = compute_dtype(hs.dtype), _weight(cfg, len(rows)), len(rows)
-        chunk = chunk or auto_chunk_size(V, n, hs.dtype)
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dh = torch.zeros(n, hs2.shape[1], dtype=dt, device=hs.device)
-        dW = torch.zeros(Ws.shape, dtype=dt, device=hs.device) if need_w else None
-        db = torch.zeros(bs.shape, dtype=dt, device=hs.device) if need_b else None
-        zs_buf = torch.empty(min(chunk, n), V, dtype=dt, device=hs.device)
-        zt_buf = torch.empty_like(zs_buf)
-        kd, ce = dh.new_zeros(()), dh.new_zeros(())
-        for start in range(0, n, chunk):
-            r = rows[start : start + chunk]
-            h = hs2.index_select(0, r).to(dt)
-            zs = _project(h, Ws[:V], None if bs is None else bs[:V], zs_buf[: len(r)])
-            zt = _project(ht2.index_select(0, r).to(dt), Wt[:V], None if bt is None else bt[:V], zt_buf[: len(r)])
-            kd_c, ce_c = loss_chunk_(zs, zt, lab[r], cfg, weight)
-            kd, ce = kd + kd_c, ce + ce_c
-            if need_h:
-                dh[start : start + chunk] = _project_back(zs, Ws[:V])
-            if need_w:
-                dW[:V].addmm_(zs.t(), h)
-            if need_b:
-                db[:V] += zs.sum(0)
-        del zs_buf, zt_buf
-        full_dh = None
-        if need_h:
-            full_dh = torch.zeros(hs2.shape, dtype=hs.dtype, device=hs.device).index_copy_(0, rows, dh.to(hs.dtype))
-            full_dh = full_dh.view(hs.shape)
-        grads = (full_dh, None if dW is None else dW.to(Ws.dtype), None if db is None else db.to(bs.dtype))
+        chunk = chunk or auto_chunk_size(V, len(rows), hs.dtype)
+        cut = lambda x: None if x is None else x[:V]  # noqa: E731  (padded vocabulary rows)
+        with torch.autocast(hs.device.type, enabled=False):  # chunk arithmetic is fp32 even under AMP
+            kd, ce, weight, dh, dW, db = _fused_chunks(hs2, cut(Ws), cut(bs), ht2, cut(Wt), cut(bt), lab, rows, cfg,
+                                                       chunk, ctx.needs_input_grad[:3])
+        full_dh = full_dW = full_db = None
+        if dh is not None:
+            full_dh = hs.new_zeros(hs2.shape).index_copy_(0, rows, dh.to(hs.dtype)).view(hs.shape)
+        if dW is not None:
+            full_dW = dW.to(Ws.dtype) if V == Ws.shape[0] else Ws.new_zeros(Ws.shape).index_copy_(
+                0, torch.arange(V, device=Ws.device), dW.to(Ws.dtype))
+        if db is not None:
+            full_db = bs.new_zeros(bs.shape)
+            full_db[:V] = db
+        grads = (full_dh, full_dW, full_db)
         ctx.present = [g is not None for g in grads]
         ctx.save_for_backward(*(g for g in grads if g is not None))
-        parts.record(kd, ce, n)
+        parts.record(kd, ce, len(rows))
         return _combine(kd, ce, cfg, weight)
 
     @staticmethod
@@ -248,3 +262,23 @@ def fused_distillation_loss(student_hidden: Tensor, student_lm_head_weight: Tens
                                          temperature=temperature, alpha=alpha, skew_lambda=skew_lambda,
                                          jsd_beta=jsd_beta, top_k=top_k, ignore_index=ignore_index,
                                          reduction=reduction, chunk_size=chunk_size, **kwargs).loss
+
+
+def fused_cross_entropy_parts(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, *, reduction: str = "mean",
+                              ignore_index: int = -100, chunk_size: int | None = None,
+                              lm_head_bias: Tensor | None = None) -> LossParts:
+    """Cross-entropy from hidden states `[..., H]` and an lm_head `[V, H]`, one logits chunk at a time.
+
+    The same engine as the fused KD loss with alpha = 1 and no teacher: plain CE training (`lmdistill train`)
+    gets the same memory bound as distillation.
+    """
+    cfg = KDConfig(alpha=1.0, reduction=reduction, ignore_index=ignore_index)
+    if hidden.shape[:-1] != labels.shape or lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise LmdistillError(
+            f"fused_cross_entropy: expected hidden [..., H] with labels [...] and lm_head_weight [V, H]; found hidden "
+            f"{tuple(hidden.shape)}, labels {tuple(labels.shape)}, lm_head_weight {tuple(lm_head_weight.shape)}."
+        )
+    parts = LossParts()
+    parts.loss = _FusedKD.apply(hidden, lm_head_weight, lm_head_bias, None, None, None, labels, cfg, chunk_size,
+                                lm_head_weight.shape[0], parts)
+    return parts
