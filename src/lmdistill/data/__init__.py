@@ -1,0 +1,28 @@
+"""Data: files -> records -> conversations or documents -> token ids + labels (-100 = not trained).
+
+    from lmdistill.data import load_examples, pad_batch
+    examples = load_examples("train.jsonl", tokenizer, max_seq_len=512)   # list of {"input_ids", "labels"}
+    print(examples.stats.summary())
+    batch = pad_batch(examples[:8], tokenizer.pad_token_id)                # (B, T) LongTensors
+
+Modules: `readers` (files -> records), `formats` (record shapes), `render` (chat template -> ids + labels),
+`loader` (the whole path, with counts), `collate` (padding), `cli` (`lmdistill data`).
+"""
+
+from lmdistill.data.collate import pad_batch
+from lmdistill.data.formats import ACCEPTED_SHAPES, FORMATS, detect_format, parse_record, record_texts
+from lmdistill.data.loader import DataStats, Examples, iter_texts, load_examples
+from lmdistill.data.readers import read_records
+from lmdistill.data.render import (
+    CHATML_TEMPLATE,
+    IGNORE_INDEX,
+    render_conversation,
+    render_conversation_examples,
+    render_prompt,
+)
+
+__all__ = [
+    "ACCEPTED_SHAPES", "CHATML_TEMPLATE", "DataStats", "Examples", "FORMATS", "IGNORE_INDEX", "detect_format",
+    "iter_texts", "load_examples", "pad_batch", "parse_record", "read_records", "record_texts",
+    "render_conversation", "render_conversation_examples", "render_prompt",
+]

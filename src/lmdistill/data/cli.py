@@ -1,0 +1,74 @@
+"""`lmdistill data`: what a data file becomes, i.e. exactly what the student will learn.
+
+    lmdistill data --data train.jsonl --tokenizer my_tokenizer --max_seq_len 512 --show 3
+
+Prints the counts of `load_examples` (records, examples, truncated, dropped, bad, tokens, trained tokens) and
+the first K examples decoded, trained spans marked: green on a terminal, between [[ and ]] otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmdistill.data.loader import load_examples
+from lmdistill.data.render import IGNORE_INDEX
+
+OPEN, CLOSE = "[[", "]]"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", "--data_path", dest="data", required=True,
+                        help="data file: .jsonl, .json, .parquet, .txt or a datasets folder")
+    parser.add_argument("--tokenizer", required=True, help="HF tokenizer folder (e.g. one `lmdistill tokenizer` wrote)")
+    parser.add_argument("--max_seq_len", type=int, default=512, help="examples are truncated to this many tokens")
+    parser.add_argument("--show", type=int, default=3, metavar="K", help="how many rendered examples to print")
+    parser.add_argument("--data_format", default="auto", help="record shape (default: detected from the first record)")
+    parser.add_argument("--skip_bad_records", action="store_true", help="skip malformed records instead of failing")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from lmdistill.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    examples = load_examples(args.data, tokenizer, max_seq_len=args.max_seq_len, data_format=args.data_format,
+                             skip_bad_records=args.skip_bad_records)
+    console = Console(file=sys.stdout, highlight=False)
+    print(examples.stats.summary())
+    shown = examples[: max(args.show, 0)]
+    if shown:
+        legend = "in green" if console.is_terminal else f"between {OPEN} and {CLOSE}"
+        print(f"\nTrained tokens are shown {legend}; everything else is context the student does not learn to produce.")
+    for k, example in enumerate(shown):
+        trained = sum(label != IGNORE_INDEX for label in example["labels"])
+        print(f"\n--- example {k + 1} of {len(examples):,}: {len(example['input_ids'])} tokens, {trained} trained ---")
+        show_example(console, tokenizer, example)
+    return 0
+
+
+def segments(tokenizer, example: dict) -> list[tuple[str, bool]]:
+    """`[(text, trained), ...]`: runs of consecutive trained / untrained tokens, decoded."""
+    runs: list[tuple[list[int], bool]] = []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        trained = label != IGNORE_INDEX
+        if runs and runs[-1][1] == trained:
+            runs[-1][0].append(token)
+        else:
+            runs.append(([token], trained))
+    return [(tokenizer.decode(ids, skip_special_tokens=False), trained) for ids, trained in runs]
+
+
+def show_example(console, tokenizer, example: dict) -> None:
+    """Print one example: rich styles on a terminal, brackets around trained spans otherwise."""
+    from rich.text import Text
+
+    parts = segments(tokenizer, example)
+    if console.is_terminal:
+        text = Text()
+        for piece, trained in parts:
+            text.append(piece, style="bold green" if trained else "dim")
+        console.print(text, soft_wrap=True)
+    else:
+        print("".join(f"{OPEN}{piece}{CLOSE}" if trained else piece for piece, trained in parts))
