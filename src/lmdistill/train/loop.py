@@ -1,0 +1,300 @@
+"""The one training loop: CE training (`lmdistill train`) and off-policy distillation (`lmdistill distill`).
+
+Per optimizer step, each process takes `accumulation_steps` micro-batches of `batch_size` examples from one
+seeded, epoch-by-epoch shuffled stream (the step number alone fixes which examples, so resume is exact).
+The summed loss of every micro-batch is divided once by the number of trained tokens of the whole step,
+counted over all micro-batches and all processes:
+
+    grad = d/dtheta  sum_{ranks, micro-batches} loss_sum / N_trained(step)
+
+so batch 1 x accumulation 8 == batch 8 x 1 and 2 ranks x batch 2 == 1 rank x batch 4.
+
+Distillation uses the fused loss on both models' final hidden states and lm_head weights: no
+`[batch, seq, vocab]` logits exist for either model. The teacher is frozen (eval mode, no grad, not in the
+optimizer, optionally bf16) and runs under the same autocast context as the student.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+
+from lmdistill.errors import LmdistillError
+from lmdistill.eval.lm import evaluate_lm, shift_labels
+from lmdistill.losses import fused_cross_entropy_parts, fused_distillation_loss_parts
+from lmdistill.models import forward_hidden, is_moe, lm_head_of
+from lmdistill.train import state as ckpt
+from lmdistill.train.metrics import MetricsLogger
+from lmdistill.train.setup import build
+
+LR_FLOOR = 0.1  # cosine decays to lr / 10, as MiniMind's schedule
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warmup over `warmup` steps, then cosine from 1 to LR_FLOOR at step `total`."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    report = "wandb" if args.use_wandb else args.report_to
+    device = args.device or ""
+    mixed = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
+    kwargs = [DistributedDataParallelKwargs(find_unused_parameters=args.use_moe is True)]
+    return Accelerator(cpu=device == "cpu" or not torch.cuda.is_available(), mixed_precision=mixed,
+                       log_with=None if report == "none" else report, kwargs_handlers=kwargs)
+
+
+class ExampleStream:
+    """Example index i of the endless stream: epoch e = i // n is a permutation seeded by seed + e."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def __getitem__(self, i: int) -> int:
+        epoch = i // self.n
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return int(self._perms[epoch][i % self.n])
+
+
+class Trainer:
+    def __init__(self, args):
+        from accelerate.utils import set_seed
+
+        self.args = args
+        self.acc = _accelerator(args)
+        set_seed(args.seed)
+        self.out = Path(args.output_dir)
+        s = build(args, self.acc.device, self.acc.is_main_process)
+        self.tokenizer, self.teacher, self.examples, self.eval_examples, self.vocab = (
+            s.tokenizer, s.teacher, s.examples, s.eval_examples, s.vocab_size)
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        self.per_step = args.batch_size * args.accumulation_steps * self.world
+        self.total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(self.examples) / self.per_step))
+        params = [p for p in s.student.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_iters, self.total_steps))
+        self.model, self.optimizer = self.acc.prepare(s.student, optimizer)
+        self.stream = ExampleStream(len(self.examples), args.seed)
+        self.step, self.stop_signal = 0, None
+        self._check_head()
+
+    def _check_head(self) -> None:
+        for name, m in (("student", self.model), ("teacher", self.teacher)):
+            if m is not None and (lm_head_of(m).logit_scale != 1.0 or lm_head_of(m).softcap):
+                raise LmdistillError(f"the {name} scales or softcaps its logits; the fused loss does not support "
+                                     "that yet (Qwen, Llama and MiniMind models do not).")
+
+    # -- one optimizer step ------------------------------------------------------------------------
+    def micro_batches(self, step: int) -> list[dict]:
+        """This process's micro-batches of `step`: examples [(m * world + rank) * bs, ...) of the step."""
+        bs, base = self.args.batch_size, step * self.per_step
+        out = []
+        for m in range(self.args.accumulation_steps):
+            first = base + (m * self.world + self.rank) * bs
+            batch = [self.examples[self.stream[i]] for i in range(first, first + bs)]
+            from lmdistill.data import pad_batch
+
+            out.append({k: v.to(self.acc.device) for k, v in pad_batch(batch, self.tokenizer.pad_token_id).items()})
+        return out
+
+    def micro_loss(self, batch: dict):
+        """Summed loss of one micro-batch (LossParts, reduction "sum") and the MoE aux loss or None."""
+        a = self.args
+        targets = shift_labels(batch["labels"])
+        out = forward_hidden(self.model, batch["input_ids"], batch["attention_mask"])
+        head = lm_head_of(self.model)
+        if self.teacher is None:
+            return fused_cross_entropy_parts(out.hidden, head.weight, targets, reduction="sum",
+                                             lm_head_bias=head.bias), out.aux_loss
+        with torch.no_grad():
+            teacher_hidden = forward_hidden(self.teacher, batch["input_ids"], batch["attention_mask"]).hidden
+        head_t = lm_head_of(self.teacher)
+        parts = fused_distillation_loss_parts(
+            out.hidden, head.weight, teacher_hidden, head_t.weight, targets, reduction="sum", vocab_size=self.vocab,
+            student_lm_head_bias=head.bias, teacher_lm_head_bias=head_t.bias, divergence=a.divergence,
+            temperature=a.temperature, alpha=a.alpha, skew_lambda=a.skew_lambda, jsd_beta=a.jsd_beta, top_k=a.top_k)
+        return parts, out.aux_loss
+
+    def accumulate(self, batches: list[dict]) -> dict:
+        """Backward over the step's micro-batches; gradients = d(sum of losses)/d theta / N_trained(step)."""
+        n_local = sum(int((shift_labels(b["labels"]) != -100).sum()) for b in batches)
+        n_global = int(self._sum(n_local))
+        scale = self.world / max(n_global, 1)  # DDP averages gradients over ranks; we want the global sum
+        sums = torch.zeros(4, dtype=torch.float64)  # kd, ce, aux, objective
+        for m, b in enumerate(batches):
+            sync = m == len(batches) - 1
+            with (nullcontext() if sync else self.acc.no_sync(self.model)), self.acc.autocast():
+                parts, aux = self.micro_loss(b)
+                total = parts.loss * scale
+                if aux is not None:
+                    total = total + aux / len(batches)
+                self.acc.backward(total)
+            sums += torch.tensor([parts.kd_sum, parts.ce_sum, 0.0 if aux is None else aux.item() / len(batches),
+                                  parts.loss.item()], dtype=torch.float64)
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        g = self._sum(torch.cat([sums, torch.tensor([tokens], dtype=torch.float64)]))
+        n = max(n_global, 1)
+        return {"loss": g[3].item() / n, "kd_loss": g[0].item() / n if self.teacher is not None else None,
+                "ce_loss": g[1].item() / n, "aux_loss": g[2].item() / self.world, "trained_tokens": n_global,
+                "tokens": int(g[4].item())}
+
+    def _sum(self, x):
+        t = torch.as_tensor(x, dtype=torch.float64, device=self.acc.device)
+        return (self.acc.reduce(t, reduction="sum") if self.world > 1 else t).cpu()
+
+    def optimizer_step(self) -> float:
+        grad_norm = float("nan")
+        if self.args.grad_clip > 0:
+            grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.args.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def training_state(self) -> dict:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": ckpt.rng_state(), "config": vars(self.args)}
+
+    def save_checkpoint(self) -> Path | None:
+        path = None
+        if self.acc.is_main_process:
+            path = ckpt.save_checkpoint(self.out, self.step, self.acc.unwrap_model(self.model), self.tokenizer,
+                                        self.training_state(), self.args.keep_checkpoints)
+        self.acc.wait_for_everyone()
+        return path
+
+    def resume(self, where: str) -> None:
+        folder = ckpt.find_resume_checkpoint(self.out, where)
+        state = torch.load(folder / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
+        ckpt.load_model_weights(self.acc.unwrap_model(self.model), folder)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = state["step"]
+        if self.acc.is_main_process:
+            _truncate_metrics(self.out / "metrics.jsonl", self.step)
+            print(f"resumed from {folder} at step {self.step}")
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def train(self) -> int:
+        a = self.args
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.acc.is_main_process:
+            (self.out / "lmdistill_config.yaml").write_text(yaml.safe_dump(vars(a), sort_keys=False))
+        if a.resume:
+            self.resume(a.resume)
+        if self.acc.is_main_process and a.report_to != "none" or a.use_wandb:
+            self.acc.init_trackers(a.wandb_project, config={k: v for k, v in vars(a).items() if v is not None})
+        log = MetricsLogger(self.out, self.total_steps, self.step, self.acc.is_main_process, self.acc,
+                            trackers=a.report_to != "none" or a.use_wandb)
+        self._install_signal_handlers()
+        self.model.train()
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                stats = self.accumulate(self.micro_batches(self.step))
+                if not math.isfinite(stats["loss"]):
+                    last = ckpt.list_checkpoints(self.out)
+                    raise LmdistillError(f"step {self.step + 1}: the loss is {stats['loss']}; stopping before the "
+                                         f"optimizer step. Last good checkpoint: {last[-1] if last else 'none'}. "
+                                         "Lower --learning_rate or check the data.")
+                lr = self.scheduler.get_last_lr()[0]
+                stats["grad_norm"] = self.optimizer_step()
+                self.step += 1
+                stats.update(step=self.step, lr=lr, epoch=self.step * self.per_step / len(self.examples),
+                             tokens_per_sec=stats["tokens"] / (time.perf_counter() - t0))
+                log.step(self.step, stats, log=self.step % max(a.log_interval, 1) == 0 or self.step in (1, self.total_steps))
+                if self._eval_due():
+                    log.eval(self.step, self.evaluate())
+                if a.save_interval and self.step % a.save_interval == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+                _debug_hooks(self.step)
+                if self._stop_requested():
+                    path = self.save_checkpoint()
+                    log.message(f"stopped by {self.stop_signal} after step {self.step}; saved {path}. Resume with "
+                                f"the same command plus --resume.")
+                    return 0
+            self.finish()
+        finally:
+            log.close()
+        return 0
+
+    def _eval_due(self) -> bool:
+        a = self.args
+        return self.eval_examples is not None and (
+            self.step == self.total_steps or (a.eval_interval and self.step % a.eval_interval == 0))
+
+    def evaluate(self) -> dict:
+        result = {}
+        if self.acc.is_main_process:
+            result = evaluate_lm(self.acc.unwrap_model(self.model), self.eval_examples, self.tokenizer, self.teacher,
+                                 batch_size=self.args.batch_size, max_batches=self.args.eval_batches,
+                                 device=self.acc.device, vocab_size=self.vocab)
+        self.acc.wait_for_everyone()
+        return result
+
+    def finish(self) -> None:
+        """The final student as an HF folder (LoRA merged; adapter in adapter/) plus the last checkpoint."""
+        if self.args.save_interval:
+            self.save_checkpoint()
+        if self.acc.is_main_process:
+            model = self.acc.unwrap_model(self.model)
+            tmp = self.out / f".final.tmp-{os.getpid()}"
+            ckpt.save_model_folder(model, self.tokenizer, tmp, merge_lora=True)
+            for f in tmp.iterdir():
+                os.replace(f, self.out / f.name)
+            tmp.rmdir()
+            if hasattr(model, "peft_config"):
+                model.save_pretrained(self.out / "adapter")
+            print(f"saved the student to {self.out}")
+        self.acc.wait_for_everyone()
+
+    # -- signals -----------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self.stop_signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+    def _stop_requested(self) -> bool:
+        return bool(self._sum(1.0 if self.stop_signal else 0.0) > 0)
+
+
+def _debug_hooks(step: int) -> None:
+    """Test hooks: LMDISTILL_KILL_AT_STEP=k sends SIGKILL, LMDISTILL_SIGTERM_AT_STEP=k SIGTERM, after step k."""
+    for var, sig in (("LMDISTILL_KILL_AT_STEP", signal.SIGKILL), ("LMDISTILL_SIGTERM_AT_STEP", signal.SIGTERM)):
+        if os.environ.get(var) == str(step):
+            os.kill(os.getpid(), sig)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """A resumed run rewrites what the interrupted run logged after its checkpoint."""
+    import json
+
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def run_training(args) -> int:
+    return Trainer(args).train()

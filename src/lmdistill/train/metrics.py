@@ -1,0 +1,75 @@
+"""What a run shows and records: a progress bar on a terminal (a plain line per log interval elsewhere),
+`metrics.jsonl` with one JSON object per logged step or evaluation, and optional trackers (wandb,
+tensorboard, swanlab) through accelerate."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class MetricsLogger:
+    """Writes metrics on the main process only; every method is a no-op elsewhere."""
+
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, is_main: bool, accelerator=None,
+                 trackers: bool = False):
+        self.is_main, self.accelerator, self.trackers = is_main, accelerator, trackers
+        self.total, self.start_step, self.t0 = total_steps, start_step, time.perf_counter()
+        self.file = open(output_dir / "metrics.jsonl", "a", encoding="utf-8") if is_main else None
+        self.bar = None
+        if is_main and sys.stderr.isatty():
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def _write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.trackers:
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    def step(self, step: int, record: dict, log: bool) -> None:
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{record['tokens_per_sec']:.0f}", refresh=False)
+        if log:
+            self._write({"type": "train", **record})
+            if self.bar is None:
+                print(self._line(step, record), flush=True)
+
+    def _line(self, step: int, r: dict) -> str:
+        done = step - self.start_step
+        eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - step)
+        parts = f"loss {r['loss']:.4f}"
+        if r.get("kd_loss") is not None:
+            parts += f" (kd {r['kd_loss']:.4f}, ce {r['ce_loss']:.4f})"
+        return (f"step {step}/{self.total}  {parts}  lr {r['lr']:.2e}  {r['tokens_per_sec']:.0f} tok/s  "
+                f"ETA {eta / 60:.1f} min")
+
+    def eval(self, step: int, metrics: dict) -> None:
+        if not self.is_main:
+            return
+        self._write({"type": "eval", "step": step, **metrics})
+        text = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        self.message(f"eval @ step {step}: {text}")
+
+    def message(self, text: str) -> None:
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.trackers:
+            self.accelerator.end_training()
