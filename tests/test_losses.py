@@ -283,3 +283,11 @@ def test_fused_padded_student_rows_get_zero_gradient():
     ref_w = Ws.detach().clone().requires_grad_()
     fused_distillation_loss(hs, ref_w, ht, Wt, labels, alpha=0.5).backward()
     torch.testing.assert_close(Ws_pad.grad[:13], ref_w.grad)
+
+
+def test_ce_sum_is_reported_for_logging_when_alpha_is_zero():
+    hs, Ws, ht, Wt, labels = _inputs(seed=16)
+    parts = distillation_loss_parts(hs @ Ws.T, ht @ Wt.T, labels, temperature=2.0)
+    ref = F.cross_entropy(hs @ Ws.T, labels, reduction="sum")
+    assert abs(parts.ce_sum - ref.item()) < 1e-9
+    torch.testing.assert_close(parts.loss, reference(hs @ Ws.T, ht @ Wt.T, labels, T=2.0))  # CE not in the loss

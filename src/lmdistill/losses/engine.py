@@ -96,7 +96,8 @@ def _kd_block(zs: Tensor, zt: Tensor, cfg: KDConfig) -> tuple[Tensor, Tensor, Te
     return value, a, logq
 
 
-def _loss_block_(zs: Tensor, zt: Tensor | None, target: Tensor, cfg: KDConfig, weight: float) -> tuple[Tensor, Tensor]:
+def _loss_block_(zs: Tensor, zt: Tensor | None, target: Tensor, cfg: KDConfig, weight: float,
+                 want_ce: bool) -> tuple[Tensor, Tensor]:
     """KD and CE sums of a row block; overwrites zs [R, V] with weight * d loss / d zs."""
     ce = kd = zs.new_zeros(())
     logq = None
@@ -107,6 +108,8 @@ def _loss_block_(zs: Tensor, zt: Tensor | None, target: Tensor, cfg: KDConfig, w
         kd = value.sum()
         # d(T^2 D(z / T))/dz = T * (a - q * sum(a))
         grad = (a - logq.exp() * a.sum(-1, keepdim=True)).mul_((1.0 - cfg.alpha) * cfg.temperature * weight)
+    if cfg.alpha == 0 and want_ce:  # CE value for logging only (no gradient): lse(z) - z[label]
+        ce = (torch.logsumexp(zs, -1) - zs.gather(-1, target[:, None]).squeeze(-1)).sum()
     if cfg.alpha > 0:
         logq1 = logq if (cfg.temperature == 1.0 and logq is not None) else torch.log_softmax(zs, -1)
         ce = -logq1.gather(-1, target[:, None]).sum()
@@ -116,27 +119,33 @@ def _loss_block_(zs: Tensor, zt: Tensor | None, target: Tensor, cfg: KDConfig, w
     return kd, ce
 
 
-def loss_chunk_(zs: Tensor, zt: Tensor | None, target: Tensor, cfg: KDConfig, weight: float) -> tuple[Tensor, Tensor]:
+def loss_chunk_(zs: Tensor, zt: Tensor | None, target: Tensor, cfg: KDConfig, weight: float,
+                want_ce: bool = True) -> tuple[Tensor, Tensor]:
     """KD and CE sums over a chunk of trained rows; overwrites zs [C, V] with weight * d loss / d zs.
 
     zs, zt: [C, V] logits in the compute dtype (zt is only read; None = no teacher, CE only, needs alpha = 1);
-    target: [C] label ids (used for CE).
+    target: [C] label ids (used for CE; with alpha = 0 the CE sum is still returned, for logging, when
+    want_ce says the labels are token ids).
     """
     rows = max(1, ROW_BLOCK_ELEMENTS // max(1, zs.shape[-1]))
     kd = zs.new_zeros(())
     ce = zs.new_zeros(())
     for start in range(0, zs.shape[0], rows):
         block = slice(start, start + rows)
-        kd_b, ce_b = _loss_block_(zs[block], None if zt is None else zt[block], target[block], cfg, weight)
+        kd_b, ce_b = _loss_block_(zs[block], None if zt is None else zt[block], target[block], cfg, weight,
+                                  want_ce)
         kd += kd_b
         ce += ce_b
     return kd, ce
 
 
-def check_labels(target: Tensor, vocab: int, cfg: KDConfig) -> None:
-    """CE needs every trained label to be a real token id."""
-    if cfg.alpha > 0 and target.numel() and (target.min() < 0 or target.max() >= vocab):
+def check_labels(target: Tensor, vocab: int, cfg: KDConfig) -> bool:
+    """Whether every trained label is a token id; CE (alpha > 0) requires it. With alpha = 0 labels may be any
+    non-ignored value (they only mark positions) and the CE sum is then not computed."""
+    valid = not target.numel() or bool(target.min() >= 0 and target.max() < vocab)
+    if cfg.alpha > 0 and not valid:
         bad = target[(target < 0) | (target >= vocab)][0].item()
         raise LmdistillError(
             f"labels: expected token ids in [0, {vocab}) or ignore_index={cfg.ignore_index}, found {bad}."
         )
+    return valid

@@ -75,14 +75,14 @@ class _LogitsKD(torch.autograd.Function):
         V = zs.shape[-1]
         zs2, zt2, lab = zs.reshape(-1, V), zt.reshape(-1, V), labels.reshape(-1)
         rows = _trained_rows(labels, cfg.ignore_index)
-        check_labels(lab[rows], V, cfg)
+        want_ce = check_labels(lab[rows], V, cfg)
         dt, weight = compute_dtype(zs.dtype), _weight(cfg, len(rows))
         grad = torch.empty(len(rows) if ctx.needs_input_grad[0] else 0, V, dtype=zs.dtype, device=zs.device)
         kd, ce = zs.new_zeros((), dtype=dt), zs.new_zeros((), dtype=dt)
         for start in range(0, len(rows), chunk):
             r = rows[start : start + chunk]
             buf = zs2.index_select(0, r).to(dt)
-            kd_c, ce_c = loss_chunk_(buf, zt2.index_select(0, r).to(dt), lab[r], cfg, weight)
+            kd_c, ce_c = loss_chunk_(buf, zt2.index_select(0, r).to(dt), lab[r], cfg, weight, want_ce)
             if len(grad):
                 grad[start : start + chunk] = buf
             kd, ce = kd + kd_c, ce + ce_c
@@ -127,7 +127,7 @@ def auto_chunk_size(vocab: int, n_rows: int, dtype: torch.dtype = torch.float32)
     return max(1, min(max(n_rows, 1), DEFAULT_CHUNK_BUDGET_BYTES // per_row))
 
 
-def _fused_chunks(hs2, Ws, bs, ht2, Wt, bt, lab, rows, cfg, chunk, need) -> tuple:
+def _fused_chunks(hs2, Ws, bs, ht2, Wt, bt, lab, rows, cfg, chunk, need, want_ce) -> tuple:
     """Walk trained rows in token chunks: loss sums and gradients (dh [n, H], dW, db) in the compute dtype."""
     dt, n, dev = compute_dtype(hs2.dtype), len(rows), hs2.device
     weight = _weight(cfg, n)
@@ -142,7 +142,7 @@ def _fused_chunks(hs2, Ws, bs, ht2, Wt, bt, lab, rows, cfg, chunk, need) -> tupl
         h = hs2.index_select(0, r).to(dt)
         zs = _project(h, Ws, bs, zs_buf[: len(r)])
         zt = None if Wt is None else _project(ht2.index_select(0, r).to(dt), Wt, bt, zt_buf[: len(r)])
-        kd_c, ce_c = loss_chunk_(zs, zt, lab[r], cfg, weight)  # zs now holds d loss / d logits
+        kd_c, ce_c = loss_chunk_(zs, zt, lab[r], cfg, weight, want_ce)  # zs now holds d loss / d logits
         kd, ce = kd + kd_c, ce + ce_c
         if dh is not None:
             dh[start : start + chunk] = _project_back(zs, Ws)
@@ -159,12 +159,12 @@ class _FusedKD(torch.autograd.Function):
         hs2, lab = hs.reshape(-1, hs.shape[-1]), labels.reshape(-1)
         ht2 = None if ht is None else ht.reshape(-1, ht.shape[-1])
         rows = _trained_rows(labels, cfg.ignore_index)
-        check_labels(lab[rows], V, cfg)
+        want_ce = check_labels(lab[rows], V, cfg)
         chunk = chunk or auto_chunk_size(V, len(rows), hs.dtype)
         cut = lambda x: None if x is None else x[:V]  # noqa: E731  (padded vocabulary rows)
         with torch.autocast(hs.device.type, enabled=False):  # chunk arithmetic is fp32 even under AMP
             kd, ce, weight, dh, dW, db = _fused_chunks(hs2, cut(Ws), cut(bs), ht2, cut(Wt), cut(bt), lab, rows, cfg,
-                                                       chunk, ctx.needs_input_grad[:3])
+                                                       chunk, ctx.needs_input_grad[:3], want_ce)
         full_dh = full_dW = full_db = None
         if dh is not None:
             full_dh = hs.new_zeros(hs2.shape).index_copy_(0, rows, dh.to(hs.dtype)).view(hs.shape)
