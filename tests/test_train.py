@@ -52,17 +52,18 @@ def test_accumulation_equals_large_batch_on_gradients(command, tiny_teacher_dir,
     assert max(g.abs().max() for g in one_by_eight.values()) < 100
 
 
-def test_two_ranks_equal_one_rank_on_gradients(tiny_teacher_dir, tiny_chat, tmp_path):
+@pytest.mark.parametrize("worker,port", [("ddp_worker.py", 29561), ("fsdp_worker.py", 29562)])
+def test_two_ranks_equal_one_rank_on_gradients(worker, port, tiny_teacher_dir, tiny_chat, tmp_path):
     argv = _distill_argv(tiny_teacher_dir, tiny_chat, tmp_path / "run", "--device", "cpu")
-    out = tmp_path / "ddp_grads.pt"
+    out = tmp_path / "grads.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
-           str(TESTS / "ddp_worker.py"), str(out), "distill", *argv, "--batch_size", "2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(TESTS / worker), str(out), "distill", *argv, "--batch_size", "2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ddp = torch.load(out)
+    multi = torch.load(out)
     single = _step_grads("distill", argv + ["--batch_size", "4"])
-    _assert_same_grads(ddp, single)
+    _assert_same_grads(multi, single)
 
 
 def _run(argv, env_extra=None, timeout=300):

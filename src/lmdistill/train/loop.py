@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from accelerate.utils import DistributedType
+
 from lmdistill.errors import LmdistillError
 from lmdistill.eval.lm import evaluate_lm, shift_labels
 from lmdistill.losses import fused_cross_entropy_parts, fused_distillation_loss_parts
@@ -92,6 +94,8 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_iters, self.total_steps))
         self.model, self.optimizer = self.acc.prepare(s.student, optimizer)
+        if self.teacher is not None and self.acc.distributed_type == DistributedType.FSDP:
+            self.teacher = self.acc.prepare_model(self.teacher)  # sharded too; stays frozen in eval mode
         self.stream = ExampleStream(len(self.examples), args.seed)
         self.step, self.stop_signal = 0, None
         self._check_head()
@@ -120,16 +124,15 @@ class Trainer:
         a = self.args
         targets = shift_labels(batch["labels"])
         out = forward_hidden(self.model, batch["input_ids"], batch["attention_mask"])
-        head = lm_head_of(self.model)
+        w, b = _full(lm_head_of(self.model))
         if self.teacher is None:
-            return fused_cross_entropy_parts(out.hidden, head.weight, targets, reduction="sum",
-                                             lm_head_bias=head.bias), out.aux_loss
+            return fused_cross_entropy_parts(out.hidden, w, targets, reduction="sum", lm_head_bias=b), out.aux_loss
         with torch.no_grad():
             teacher_hidden = forward_hidden(self.teacher, batch["input_ids"], batch["attention_mask"]).hidden
-        head_t = lm_head_of(self.teacher)
+            wt, bt = _full(lm_head_of(self.teacher))
         parts = fused_distillation_loss_parts(
-            out.hidden, head.weight, teacher_hidden, head_t.weight, targets, reduction="sum", vocab_size=self.vocab,
-            student_lm_head_bias=head.bias, teacher_lm_head_bias=head_t.bias, divergence=a.divergence,
+            out.hidden, w, teacher_hidden, wt, targets, reduction="sum", vocab_size=self.vocab,
+            student_lm_head_bias=b, teacher_lm_head_bias=bt, divergence=a.divergence,
             temperature=a.temperature, alpha=a.alpha, skew_lambda=a.skew_lambda, jsd_beta=a.jsd_beta, top_k=a.top_k)
         return parts, out.aux_loss
 
@@ -278,6 +281,15 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         return bool(self._sum(1.0 if self.stop_signal else 0.0) > 0)
+
+
+def _full(head) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The lm_head weight and bias as whole tensors. Under FSDP2 they are sharded DTensors outside the
+    model's forward; `full_tensor()` all-gathers them differentiably (its backward reduce-scatters)."""
+    from torch.distributed.tensor import DTensor
+
+    gather = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
+    return gather(head.weight), None if head.bias is None else gather(head.bias)
 
 
 def _debug_hooks(step: int) -> None:
