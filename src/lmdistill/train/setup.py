@@ -83,7 +83,8 @@ def build_student(args, name: str, tokenizer, device) -> torch.nn.Module:
     overrides = _model_overrides(args) if name in PRESETS else {}
     model = load_model(name, tokenizer=tokenizer, dtype="float32", device=device, **overrides)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
         model.config.use_cache = False
     if args.lora_r:
         targets = args.lora_target_modules.split(",") if args.lora_target_modules else None
