@@ -53,7 +53,12 @@ def lr_lambda(warmup: int, total: int):
 
 def _accelerator(args):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
+
+    # Several runs in one process (the quickstart, tests) may differ in precision: reset accelerate's
+    # per-process singleton (not the process group, which PartialState keeps).
+    AcceleratorState._reset_state(reset_partial_state=False)
 
     report = "wandb" if args.use_wandb else args.report_to
     device = args.device or ""
