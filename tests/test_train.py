@@ -52,12 +52,20 @@ def test_accumulation_equals_large_batch_on_gradients(command, tiny_teacher_dir,
     assert max(g.abs().max() for g in one_by_eight.values()) < 100
 
 
-@pytest.mark.parametrize("worker,port", [("ddp_worker.py", 29561), ("fsdp_worker.py", 29562)])
-def test_two_ranks_equal_one_rank_on_gradients(worker, port, tiny_teacher_dir, tiny_chat, tmp_path):
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("worker", ["ddp_worker.py", "fsdp_worker.py"])
+def test_two_ranks_equal_one_rank_on_gradients(worker, tiny_teacher_dir, tiny_chat, tmp_path):
     argv = _distill_argv(tiny_teacher_dir, tiny_chat, tmp_path / "run", "--device", "cpu")
     out = tmp_path / "grads.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(TESTS / worker), str(out), "distill", *argv, "--batch_size", "2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,5 +1,33 @@
-"""Evaluation: language-model metrics (perplexity, bits/byte, agreement with a teacher) and task accuracy."""
+"""Evaluation: language-model metrics (perplexity, bits/byte, agreement with a teacher) and task accuracy.
 
-from lmdistill.eval.lm import evaluate_lm, shift_labels
+    from lmdistill.eval import evaluate_lm, evaluate_task, load_task_records
+    evaluate_lm(model, examples, tokenizer, teacher=teacher)            # ce, ppl, bits_per_byte, kl, agreement
+    evaluate_task(model, tokenizer, load_task_records("test.jsonl"), task="rouge")   # accuracy + CI, rouge_l
 
-__all__ = ["evaluate_lm", "shift_labels"]
+Modules: `lm` (LM metrics), `generation` (batched greedy replies), `scoring` (normalization, Rouge-L,
+intervals; pure Python), `tasks` (exact match / Rouge-L over records), `cli` (`lmdistill eval`).
+Names are imported on first use, so `lmdistill eval --help` does not wait for torch.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "evaluate_lm": "lm", "shift_labels": "lm",
+    "Reply": "generation", "generate_replies": "generation", "stop_token_ids": "generation",
+    "extract_answer": "scoring", "normalize_answer": "scoring", "rouge_l": "scoring", "strip_think": "scoring",
+    "wilson_interval": "scoring",
+    "TASKS": "tasks", "evaluate_task": "tasks", "load_task_records": "tasks",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lmdistill.eval' has no attribute '{name}'")
+    value = getattr(import_module(f"lmdistill.eval.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
