@@ -291,3 +291,11 @@ def test_ce_sum_is_reported_for_logging_when_alpha_is_zero():
     ref = F.cross_entropy(hs @ Ws.T, labels, reduction="sum")
     assert abs(parts.ce_sum - ref.item()) < 1e-9
     torch.testing.assert_close(parts.loss, reference(hs @ Ws.T, ht @ Wt.T, labels, T=2.0))  # CE not in the loss
+
+
+def test_labels_only_mark_positions_when_alpha_is_zero():
+    hs, Ws, ht, Wt, labels = _inputs(seed=17)
+    marks = torch.where(labels != -100, torch.full_like(labels, 10_000), labels)  # not token ids
+    for T in (1.0, 2.0):
+        loss = distillation_loss(hs @ Ws.T, ht @ Wt.T, marks, temperature=T)
+        torch.testing.assert_close(loss, reference(hs @ Ws.T, ht @ Wt.T, labels, T=T))

@@ -108,11 +108,14 @@ def _loss_block_(zs: Tensor, zt: Tensor | None, target: Tensor, cfg: KDConfig, w
         kd = value.sum()
         # d(T^2 D(z / T))/dz = T * (a - q * sum(a))
         grad = (a - logq.exp() * a.sum(-1, keepdim=True)).mul_((1.0 - cfg.alpha) * cfg.temperature * weight)
-    if cfg.alpha == 0 and want_ce:  # CE value for logging only (no gradient): lse(z) - z[label]
+    logq1 = logq if (cfg.temperature == 1.0 and logq is not None) else None
+    if cfg.alpha > 0 and logq1 is None:
+        logq1 = torch.log_softmax(zs, -1)
+    if logq1 is not None and (cfg.alpha > 0 or want_ce):
+        ce = -logq1.gather(-1, target[:, None]).sum()
+    elif want_ce:  # CE for logging only (alpha = 0 at T != 1): lse(z) - z[label], one pass
         ce = (torch.logsumexp(zs, -1) - zs.gather(-1, target[:, None]).squeeze(-1)).sum()
     if cfg.alpha > 0:
-        logq1 = logq if (cfg.temperature == 1.0 and logq is not None) else torch.log_softmax(zs, -1)
-        ce = -logq1.gather(-1, target[:, None]).sum()
         g = logq1.exp().scatter_add_(-1, target[:, None], logq1.new_full((len(target), 1), -1.0))
         grad.add_(g, alpha=cfg.alpha * weight)
     zs.copy_(grad)
