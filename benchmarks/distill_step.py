@@ -1,0 +1,506 @@
+"""Distillation-step benchmark on CPU: lmdistill's Trainer vs a MiniMind-style loop vs TRL's GKDTrainer.
+
+    python benchmarks/distill_step.py --threads 1   # both pairs, ~4 min on 2 shared cores -> results/distill_step_cpu.json
+    python benchmarks/distill_step.py --quick       # micro -> nano, 4 steps, 1-2 min -> results/distill_step_cpu_quick.json
+
+--threads 1 when other jobs share the CPU: with one foreign busy thread on this 2-core VM, 2-thread kernels stall at
+their barriers (a micro forward took 1.86 s with 2 threads, 0.39 s with 1), which distorts every ratio.
+
+One off-policy step = teacher forward (no grad) + student forward/backward + AdamW step; forward KL at T=1,
+alpha 0, fp32, batch 8; the same models (teacher: its preset built with seed 0 and saved once with the tokenizer;
+student: its preset built after `set_seed(0)`, in the order `lmdistill distill` uses), the same data
+(tinyshakespeare packed into blocks by `lmdistill.data.load_examples`, batches in the Trainer's seeded order),
+AdamW lr 1e-4, weight decay 0.01, grad-norm clip 1.0. Implementations, each in its own process:
+  lmdistill  lmdistill.train.loop.Trainer, options parsed as the CLI parses them; accumulate(micro_batches(step))
+             + optimizer_step()
+  minimind   student(ids).logits, teacher(ids).logits under no_grad, F.kl_div(log_softmax, softmax, batchmean)
+             on the trained positions, backward, clip, AdamW (MiniMind's train_distillation.py at alpha 0)
+  trl        trl.experimental.gkd.GKDTrainer: lmbda=0 (off-policy), beta=0 (forward KL), temperature=1, seq_kd=False,
+             the same token ids through a pass-through collator and a sequential sampler, optim adamw_torch;
+             bf16=False and gradient_checkpointing=False given explicitly (TRL defaults both to True)
+  trl_defaults  (only with --impls, for context) the same GKDTrainer with TRL's own defaults: bf16 autocast,
+             gradient checkpointing, fused AdamW
+The processes load side by side, then step in lockstep: one implementation computes at a time, in rotating
+order, so all three see the same (drifting) load from other jobs. Step time: the whole step for lmdistill and
+minimind (batch padding included); on_step_begin -> on_step_end for trl (its batch is fetched before).
+tokens/s = non-pad tokens / step time, median over the steps after warmup. Memory: the RSS high-water mark is
+reset (/proc/self/clear_refs) once models, data and trainer are built; peak = high-water RSS over the steps,
+above baseline = peak - RSS at that reset. FLOP/s: nanoGPT's count (see `flops_per_token`) / step time, as a
+fraction of a 2048^3 fp32 matmul timed in the same process right after each step (same load), median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+DATA = Path("/work/shared/data/tinyshakespeare.txt")
+MINIMIND_TOKENIZER = Path("/work/shared/data/minimind_tokenizer")
+PAIRS = {  # name -> (teacher preset, student preset, sequence length, steps of the full run)
+    "micro->nano": ("micro", "nano", 256, 12),
+    "minimind2->minimind2-small": ("minimind2", "minimind2-small", 128, 6),
+}
+IMPLS = ["lmdistill", "minimind", "trl"]
+SEED, BATCH, LR, WEIGHT_DECAY, CLIP = 0, 8, 1e-4, 0.01, 1.0
+TARGET_SPEED, TARGET_MEMORY = 1.5, 0.6  # vs TRL: >= 1.5x tokens/s at <= 0.6x peak memory
+
+
+# -- measurements shared by the workers ----------------------------------------------------------------------
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def reset_peak() -> bool:
+    """Start the RSS high-water mark (and so ru_maxrss) again from the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def flops_per_token(model, seq_len: int, train: bool) -> float:
+    """nanoGPT's estimate_mfu count: 6 N + 12 L A T for training, 2 N + 4 L A T for a forward, where N counts every
+    matmul weight (decoder + lm_head V x H, not the input-embedding lookup), A = heads x head_dim, T = seq_len
+    (attention counted non-causal). Norms, softmax and the KD loss's elementwise work are left out."""
+    c = model.config
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    tied = head.data_ptr() == embed.data_ptr()
+    n = sum(p.numel() for p in model.parameters()) - embed.numel() + (head.numel() if tied else 0)
+    attn = c.num_hidden_layers * c.num_attention_heads * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads)
+    return 6 * n + 12 * attn * seq_len if train else 2 * n + 4 * attn * seq_len
+
+
+def cli_args(teacher_dir: str, student: str, seq_len: int, steps: int, out_dir: str):
+    """`lmdistill distill` options, parsed exactly as the CLI parses them (tests/train_args.py)."""
+    from lmdistill.config import parse_command_args
+    from lmdistill.train.cli import add_arguments
+
+    argv = ["--teacher", teacher_dir, "--student", student, "--data", str(DATA), "--output_dir", out_dir,
+            "--max_steps", str(steps), "--batch_size", str(BATCH), "--learning_rate", str(LR),
+            "--weight_decay", str(WEIGHT_DECAY), "--grad_clip", str(CLIP), "--max_seq_len", str(seq_len),
+            "--divergence", "forward_kl", "--temperature", "1.0", "--alpha", "0.0", "--dtype", "float32",
+            "--device", "cpu", "--seed", str(SEED)]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, "distill")
+    args = parse_command_args(parser, argv)
+    args.command = "distill"
+    return args
+
+
+def load_pair(teacher_dir: str, student: str, seq_len: int):
+    """Tokenizer, frozen teacher, student and examples, built in the order `lmdistill.train.setup.build` uses."""
+    from accelerate.utils import set_seed
+
+    from lmdistill.data import load_examples
+    from lmdistill.models import load_model, load_teacher
+    from lmdistill.train.setup import load_tokenizer
+
+    set_seed(SEED)
+    tok = load_tokenizer(teacher_dir, "teacher")
+    teacher = load_teacher(teacher_dir, dtype="float32", tokenizer=tok, verbose=False)
+    model = load_model(student, tokenizer=tok, dtype="float32", verbose=False)
+    return tok, teacher, model, load_examples(str(DATA), tok, seq_len)
+
+
+def step_examples(examples, steps: int) -> list[list[dict]]:
+    """The examples of steps 0..steps-1 in the Trainer's order (1 process, no accumulation)."""
+    from lmdistill.train.loop import ExampleStream
+
+    stream = ExampleStream(len(examples), SEED)
+    return [[examples[stream[i]] for i in range(s * BATCH, (s + 1) * BATCH)] for s in range(steps)]
+
+
+# -- the worker's side: one process per implementation, stepping only when the driver says so -----------------
+class Session:
+    """Lockstep with the driver: before each step the worker prints "@@waiting" and blocks on stdin until "go",
+    so exactly one implementation computes at a time and all three see the same (shared, drifting) machine load."""
+
+    def __init__(self):
+        self.rows, self.matmul = [], []
+        self.a, self.b, self.c = torch.randn(2048, 2048), torch.randn(2048, 2048), torch.empty(2048, 2048)
+
+    def ready(self, teacher, student, first_batch) -> None:
+        self.teacher, self.student = teacher, student
+        self.init_checksum = float(sum(p.detach().double().abs().sum() for p in student.parameters()))
+        self.first_ids = sum(sum(i * (k + 1) for k, i in enumerate(e["input_ids"])) for e in first_batch) % 1_000_000_007
+        torch.mm(self.a, self.b, out=self.c)
+        self.load_peak, self.base = peak_mb(), rss_mb()
+        self.reset = reset_peak()
+
+    def wait(self) -> str:
+        _send("waiting")
+        return sys.stdin.readline().strip()
+
+    def begin(self) -> None:
+        if self.wait() != "go":
+            raise SystemExit("driver went away")
+        self.t0 = time.perf_counter()
+
+    def end(self, tokens: int, loss: float | None = None) -> None:
+        seconds = time.perf_counter() - self.t0
+        self.rows.append((seconds, tokens, loss))
+        self.matmul.append(2 * 2048**3 / _timed(lambda: torch.mm(self.a, self.b, out=self.c)))
+        _send("step", {"seconds": seconds, "tokens": tokens})
+
+
+def _send(tag: str, payload: dict | None = None) -> None:
+    print(f"@@{tag} {json.dumps(payload or {})}", flush=True)
+
+
+def run_lmdistill(pair, steps, teacher_dir, tmp, session):
+    from lmdistill.train.loop import Trainer
+
+    _, student, seq_len, _ = PAIRS[pair]
+    trainer = Trainer(cli_args(teacher_dir, student, seq_len, steps, str(Path(tmp) / "lmdistill")))
+    trainer.model.train()
+    session.ready(trainer.teacher, trainer.acc.unwrap_model(trainer.model),
+                  [trainer.examples[trainer.stream[i]] for i in range(BATCH)])
+    for step in range(steps):
+        session.begin()
+        stats = trainer.accumulate(trainer.micro_batches(step))
+        trainer.optimizer_step()
+        session.end(stats["tokens"], stats["kd_loss"])
+
+
+def run_minimind(pair, steps, teacher_dir, tmp, session):
+    import torch.nn.functional as F
+
+    from lmdistill.data import pad_batch
+
+    _, student, seq_len, _ = PAIRS[pair]
+    tok, teacher, model, examples = load_pair(teacher_dir, student, seq_len)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    model.train()
+    plan = step_examples(examples, steps)
+    session.ready(teacher, model, plan[0])
+    for step in range(steps):
+        session.begin()
+        b = pad_batch(plan[step], tok.pad_token_id)
+        s_logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, T, V)
+        with torch.no_grad():
+            t_logits = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        mask = b["labels"][:, 1:] != -100  # logits at t predict token t + 1
+        s, t = s_logits[:, :-1][mask], t_logits[:, :-1][mask]  # (N, V)
+        loss = F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="batchmean")  # * T^2 with T = 1
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        session.end(int(b["attention_mask"].sum()), loss.item())
+
+
+def run_trl(pair, steps, teacher_dir, tmp, session, trl_defaults=False):
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from lmdistill.data import pad_batch
+
+    _, student, seq_len, _ = PAIRS[pair]
+    tok, teacher, model, examples = load_pair(teacher_dir, student, seq_len)
+    plan = step_examples(examples, steps)
+    rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for batch in plan for e in batch]
+    tokens, losses = [], []
+
+    class Lockstep(TrainerCallback):  # the batch is already fetched when on_step_begin runs
+        def on_step_begin(self, args, state, control, **kw):
+            session.begin()
+
+        def on_step_end(self, args, state, control, **kw):
+            session.end(tokens[state.global_step - 1])
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    def collate(features):  # the same token ids, padded as lmdistill pads them
+        batch = pad_batch(features, tok.pad_token_id)
+        tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    fp32 = {} if trl_defaults else dict(bf16=False, gradient_checkpointing=False, optim="adamw_torch")
+    config = GKDConfig(
+        output_dir=str(Path(tmp) / "trl"), lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False,
+        per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR, weight_decay=WEIGHT_DECAY,
+        max_grad_norm=CLIP, lr_scheduler_type="constant", use_cpu=True, report_to=[], save_strategy="no",
+        dataloader_num_workers=0, train_sampling_strategy="sequential", logging_steps=1, disable_tqdm=True,
+        seed=SEED, max_length=None, **fp32)
+    trainer = GKDTrainer(model=model, teacher_model=teacher, args=config, data_collator=collate,
+                         train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Lockstep()])
+    session.ready(teacher, trainer.model, plan[0])
+    trainer.train()
+    if losses:  # one log per step (logging_steps=1): the first is step 1's loss
+        session.rows[0] = session.rows[0][:2] + (losses[0],)
+
+
+RUNNERS = {"lmdistill": run_lmdistill, "minimind": run_minimind, "trl": run_trl,
+           "trl_defaults": lambda *a: run_trl(*a, trl_defaults=True)}  # context only: bf16 autocast + checkpointing
+
+
+def worker(impl: str, pair: str, steps: int, warmup: int, teacher_dir: str, threads: int) -> dict:
+    teacher_preset, student_preset, seq_len, _ = PAIRS[pair]
+    torch.set_num_threads(threads)
+    session = Session()
+    with tempfile.TemporaryDirectory() as tmp:
+        RUNNERS[impl](pair, steps, teacher_dir, tmp, session)
+        peak = peak_mb() if session.reset else max(peak_mb(), session.load_peak)
+        session.wait()  # "finish"
+    s = session
+    times, tokens = [r[0] for r in s.rows], [r[1] for r in s.rows]
+    measured = range(warmup, steps)
+    fl_tok = flops_per_token(s.student, seq_len, True) + flops_per_token(s.teacher, seq_len, False)
+    step_flops = [fl_tok * tokens[i] / times[i] for i in measured]
+    return {
+        "impl": impl, "pair": pair, "teacher": teacher_preset, "student": student_preset, "seq_len": seq_len,
+        "batch": BATCH, "steps": steps, "warmup": warmup, "threads": torch.get_num_threads(),
+        "step_seconds": times, "step_tokens": tokens, "median_step_seconds": statistics.median(times[i] for i in measured),
+        "tokens_per_sec": statistics.median(tokens[i] / times[i] for i in measured),
+        "first_step_kd_loss": s.rows[0][2], "student_init_checksum": s.init_checksum, "first_batch_ids": s.first_ids,
+        "baseline_mb": s.base, "peak_mb": peak, "above_baseline_mb": peak - s.base, "load_peak_mb": s.load_peak,
+        "peak_reset": s.reset, "flops_per_token": fl_tok, "flops_per_sec": statistics.median(step_flops),
+        "matmul_flops_after_each_step": s.matmul, "matmul_peak_flops": max(s.matmul),
+        "fraction_of_matmul_peak": statistics.median(f / s.matmul[i] for f, i in zip(step_flops, measured)),
+    }
+
+
+# -- the driver ----------------------------------------------------------------------------------------------
+def prepare_teacher(preset: str, tokenizer, folder: Path) -> None:
+    """Build the teacher preset with seed 0 and save it with the tokenizer (the Trainer loads teachers from disk)."""
+    from transformers.utils import logging
+
+    from lmdistill.models import load_model
+
+    logging.disable_progress_bar()
+    torch.manual_seed(SEED)
+    model = load_model(preset, tokenizer=tokenizer, dtype="float32", verbose=False)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def get_tokenizer(kind: str):
+    if kind == "bpe2048":
+        from lmdistill.tokenizer import train_tokenizer
+
+        return train_tokenizer(texts=[DATA.read_text()], vocab_size=2048)
+    from lmdistill.train.setup import load_tokenizer
+
+    return load_tokenizer(str(MINIMIND_TOKENIZER), "minimind tokenizer")
+
+
+class Worker:
+    """The driver's handle on one worker process: commands on its stdin, "@@tag {json}" lines on its stdout."""
+
+    def __init__(self, impl, pair, steps, warmup, teacher_dir, threads, log_dir):
+        self.impl, self.log = impl, Path(log_dir) / f"{impl}.stderr"
+        cmd = [sys.executable, __file__, "--worker", impl, "--pair", pair, "--steps", str(steps), "--warmup",
+               str(warmup), "--teacher_dir", teacher_dir, "--threads", str(threads)]
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+
+    def expect(self, tag: str) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(f"@@{tag} "):
+                return json.loads(line[len(tag) + 3:])
+        self.proc.wait()
+        raise RuntimeError(f"{self.impl} worker exited (code {self.proc.returncode}) before '@@{tag}':\n"
+                           f"{self.log.read_text()[-3000:]}")
+
+    def send(self, command: str) -> None:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+
+def run_pair(pair, impls, steps, warmup, teacher_dir, threads) -> list[dict]:
+    """All implementations load side by side, then step in lockstep, one at a time, in rotating order."""
+    with tempfile.TemporaryDirectory() as logs:
+        workers = [Worker(impl, pair, steps, warmup, teacher_dir, threads, logs) for impl in impls]
+        alive = []
+        for w in workers:
+            try:
+                w.expect("waiting")
+                alive.append(w)
+            except RuntimeError as exc:
+                print(f"  {w.impl} {pair}: failed\n{exc}", file=sys.stderr)
+        for step in range(steps):
+            for w in alive[step % len(alive):] + alive[:step % len(alive)]:
+                try:
+                    w.send("go")
+                    r = w.expect("step")
+                    w.expect("waiting")
+                except (RuntimeError, BrokenPipeError) as exc:
+                    print(f"  {w.impl} {pair}: failed at step {step + 1}\n{exc}", file=sys.stderr)
+                    alive.remove(w)
+                    continue
+                print(f"  step {step + 1}/{steps} {w.impl:12s} {r['seconds']:6.2f} s", flush=True)
+        results = []
+        for w in alive:
+            w.send("finish")
+            r = w.expect("result")
+            w.proc.wait()
+            results.append(r)
+            print(f"  {w.impl:12s} {pair:28s} {r['tokens_per_sec']:7.0f} tok/s  step {r['median_step_seconds']:6.2f} s  "
+                  f"peak {r['peak_mb']:6.0f} MiB  above baseline {r['above_baseline_mb']:6.0f} MiB  "
+                  f"{r['fraction_of_matmul_peak']:.0%} of matmul  first KD loss {r['first_step_kd_loss']}", flush=True)
+    return results
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {}
+    for pair in dict.fromkeys(r["pair"] for r in runs):
+        by = {r["impl"]: r for r in runs if r["pair"] == pair}
+        trl = by.get("trl")
+        s = {}
+        for impl, r in by.items():
+            if trl:
+                s[impl] = {"speed_vs_trl": r["tokens_per_sec"] / trl["tokens_per_sec"],
+                           "speed_vs_trl_load_normalized": r["fraction_of_matmul_peak"] / trl["fraction_of_matmul_peak"],
+                           "peak_vs_trl": r["peak_mb"] / trl["peak_mb"],
+                           "above_baseline_vs_trl": r["above_baseline_mb"] / trl["above_baseline_mb"]}
+        if trl and "lmdistill" in by:
+            ours = s["lmdistill"]
+            s["targets_met"] = {"speed": ours["speed_vs_trl"] >= TARGET_SPEED,
+                                "peak_memory": ours["peak_vs_trl"] <= TARGET_MEMORY,
+                                "above_baseline_memory": ours["above_baseline_vs_trl"] <= TARGET_MEMORY}
+        s["same_first_batch"] = len({r["first_batch_ids"] for r in by.values()}) == 1
+        s["same_student_init"] = len({round(r["student_init_checksum"], 3) for r in by.values()}) == 1
+        losses = [r["first_step_kd_loss"] for r in by.values() if r["first_step_kd_loss"] is not None]
+        s["first_step_kd_loss_spread"] = (max(losses) - min(losses)) / max(abs(min(losses)), 1e-12) if losses else None
+        out[pair] = s
+    return out
+
+
+def print_table(runs: list[dict], summary: dict) -> None:
+    print("\n| pair | implementation | tokens/s | step s | peak MiB | above baseline MiB | tokens/s vs TRL | "
+          "peak vs TRL | above-baseline vs TRL | FLOP/s | % of matmul (max) | first-step KD loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        s = summary[r["pair"]].get(r["impl"], {})
+        ratio = lambda k: f"{s[k]:.2f}x" if k in s else "-"  # noqa: E731
+        print(f"| {r['pair']} (T={r['seq_len']}) | {r['impl']} | {r['tokens_per_sec']:.0f} | "
+              f"{r['median_step_seconds']:.2f} | {r['peak_mb']:.0f} | {r['above_baseline_mb']:.0f} | "
+              f"{ratio('speed_vs_trl')} | {ratio('peak_vs_trl')} | {ratio('above_baseline_vs_trl')} | "
+              f"{r['flops_per_sec'] / 1e9:.1f} G | {100 * r['fraction_of_matmul_peak']:.0f}% "
+              f"(of {r['matmul_peak_flops'] / 1e9:.0f} G) | {r['first_step_kd_loss']:.4f} |")
+    print()
+    for pair, s in summary.items():
+        if "targets_met" in s:
+            t, o = s["targets_met"], s["lmdistill"]
+            print(f"{pair}: tokens/s {o['speed_vs_trl']:.2f}x TRL ({o['speed_vs_trl_load_normalized']:.2f}x as fractions "
+                  f"of the matmul rate; target >= {TARGET_SPEED}x: "
+                  f"{'met' if t['speed'] else 'NOT met'}); peak RSS {o['peak_vs_trl']:.2f}x TRL (target <= "
+                  f"{TARGET_MEMORY}x: {'met' if t['peak_memory'] else 'NOT met'}); RSS above baseline "
+                  f"{o['above_baseline_vs_trl']:.2f}x TRL ({'met' if t['above_baseline_memory'] else 'NOT met'}); "
+                  f"same first batch / student init / first-step KD loss (rel. spread) in every implementation: "
+                  f"{s['same_first_batch']} / {s['same_student_init']} / {s['first_step_kd_loss_spread']:.1e}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", choices=list(RUNNERS))
+    p.add_argument("--pair", choices=list(PAIRS))
+    p.add_argument("--teacher_dir")
+    p.add_argument("--steps", type=int, default=None, help="steps per implementation, warmup included "
+                   "(default: 12 for micro->nano, 6 for minimind2->minimind2-small, 4 with --quick)")
+    p.add_argument("--warmup", type=int, default=None, help="first steps left out of the median")
+    p.add_argument("--pairs", default=None, help="comma-separated pair names (default: all; --quick: micro->nano)")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, from {', '.join(RUNNERS)} "
+                   "(trl_defaults: TRL's own defaults bf16 autocast, gradient checkpointing, fused AdamW; not fp32)")
+    p.add_argument("--tokenizer", default="minimind", choices=["minimind", "bpe2048"],
+                   help="minimind: /work/shared/data/minimind_tokenizer (6,400); bpe2048: trained on the data")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch threads per worker (default: all cores; 1 is steadier when other jobs share the CPU)")
+    p.add_argument("--quick", action="store_true", help="micro -> nano only, 4 steps (1 warmup)")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    if a.worker:
+        _send("result", worker(a.worker, a.pair, a.steps, a.warmup, a.teacher_dir, a.threads))
+        return
+    if not DATA.is_file() or (a.tokenizer == "minimind" and not MINIMIND_TOKENIZER.is_dir()):
+        print(f"skipped: needs {DATA} and {MINIMIND_TOKENIZER} (or --tokenizer bpe2048); not found.")
+        return
+    pairs = a.pairs.split(",") if a.pairs else (["micro->nano"] if a.quick else list(PAIRS))
+    warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
+    impls = a.impls.split(",")
+    if set(impls) - set(RUNNERS) or set(pairs) - set(PAIRS):
+        p.error(f"--impls takes {', '.join(RUNNERS)}; --pairs takes {', '.join(PAIRS)}; found {a.impls} / {','.join(pairs)}")
+    tokenizer = get_tokenizer(a.tokenizer)
+    print(f"distillation step on CPU ({a.threads} threads, load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores): batch {BATCH}, fp32, forward KL T=1, "
+          f"alpha 0, tokenizer {a.tokenizer} ({len(tokenizer)}), {warmup} warmup steps")
+    if os.getloadavg()[0] >= os.cpu_count() and a.threads > 1:
+        print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other jobs share the CPU and "
+              "multi-threaded small ops stall at their barriers; ratios are steadier with --threads 1.")
+    load_start = os.getloadavg()
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in pairs:
+            teacher_dir = Path(tmp) / pair.split("->")[0]
+            prepare_teacher(PAIRS[pair][0], tokenizer, teacher_dir)
+            steps = a.steps or (4 if a.quick else PAIRS[pair][3])
+            runs += run_pair(pair, impls, steps, warmup, str(teacher_dir), a.threads)
+    summary = summarize(runs)
+    print_table(runs, summary)
+    out = Path(a.out or Path(__file__).parent / "results" / f"distill_step_cpu{'_quick' if a.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    machine = {"platform": platform.platform(), "processor": _cpu_name(), "cpus": os.cpu_count(),
+               "threads_per_worker": a.threads, "torch": torch.__version__,
+               "load_average_at_start": load_start, "load_average_at_end": os.getloadavg(), "versions": _versions()}
+    out.write_text(json.dumps({"machine": machine, "tokenizer": a.tokenizer, "method": METHOD, "runs": runs,
+                               "summary": summary}, indent=2))
+    print(f"saved {out}")
+
+
+METHOD = {
+    "step": "teacher forward (no grad) + student forward/backward + grad clip 1.0 + AdamW(lr 1e-4, wd 0.01); "
+            "batch 8, fp32, forward KL at T=1, alpha 0",
+    "tokens_per_sec": "non-pad tokens / step wall time, median over the steps after warmup; implementations step "
+                      "in lockstep, one at a time, rotating order",
+    "memory": "peak_mb = RSS high-water mark over the steps (reset via /proc/self/clear_refs after models, data and "
+              "trainer are built); above_baseline_mb = peak_mb - RSS at that reset; load_peak_mb = lifetime peak "
+              "before the reset",
+    "flops": "per token: student 6*N_s + 12*L_s*A_s*T, teacher 2*N_t + 4*L_t*A_t*T; N = matmul weights (decoder + "
+             "lm_head V*H, no input-embedding lookup), A = heads*head_dim, T = seq_len (attention non-causal, "
+             "nanoGPT estimate_mfu); loss elementwise work not counted",
+    "fraction_of_matmul_peak": "median over steps of step FLOP/s / FLOP/s of a 2048^3 fp32 torch.mm timed right after "
+                               "that step in the same process",
+}
+
+
+def _cpu_name() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor())
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {k: version(k) for k in ("transformers", "trl", "accelerate", "lmdistill")}
+
+
+if __name__ == "__main__":
+    main()
