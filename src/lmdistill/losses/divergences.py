@@ -36,8 +36,11 @@ DivergenceFn = Callable[..., "tuple[Tensor, Tensor]"]
 
 
 def _plogp_ratio(w: Tensor, log_a: Tensor, log_b: Tensor) -> Tensor:
-    """w * (log_a - log_b) elementwise, with 0 where w == 0 (so 0 * log 0 and 0 * inf give 0)."""
-    return torch.where(w > 0, w * (log_a - log_b), w.new_zeros(()))
+    """w * (log_a - log_b) elementwise, with 0 where w == 0 and log_a == -inf (the convention 0 log 0 = 0).
+
+    The only NaN the product can hold is 0 * (-inf), so one in-place pass maps NaN to 0 and keeps +-inf.
+    """
+    return (w * (log_a - log_b)).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
 def _log_mix(log_x: Tensor, wx: float, log_y: Tensor, wy: float) -> Tensor:

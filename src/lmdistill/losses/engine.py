@@ -106,8 +106,10 @@ def _loss_block_(zs: Tensor, zt: Tensor | None, target: Tensor, cfg: KDConfig, w
     else:
         value, a, logq = _kd_block(zs, zt, cfg)
         kd = value.sum()
-        # d(T^2 D(z / T))/dz = T * (a - q * sum(a))
-        grad = (a - logq.exp() * a.sum(-1, keepdim=True)).mul_((1.0 - cfg.alpha) * cfg.temperature * weight)
+        # d(T^2 D(z / T))/dz = T * (a - q * sum(a)); forward KL has a = -p with sum(p) = 1: T * (q - p)
+        grad = logq.exp()
+        grad = grad.add_(a) if cfg.divergence == "forward_kl" else a.sub_(grad.mul_(a.sum(-1, keepdim=True)))
+        grad.mul_((1.0 - cfg.alpha) * cfg.temperature * weight)
     logq1 = logq if (cfg.temperature == 1.0 and logq is not None) else None
     if cfg.alpha > 0 and logq1 is None:
         logq1 = torch.log_softmax(zs, -1)

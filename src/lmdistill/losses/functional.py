@@ -25,6 +25,7 @@ from lmdistill.losses.engine import KDConfig, check_labels, compute_dtype, loss_
 # Default memory for the two fp32 [chunk, vocab] logit buffers of the fused loss when chunk_size=None:
 # 256 tokens at Qwen's 151,936-token vocabulary, where the matmuls are already near full speed on CPU.
 DEFAULT_CHUNK_BUDGET_BYTES = 320 * 2**20
+MAX_CHUNK_TOKENS = 512
 # bf16/fp16 weights are upcast to fp32 in vocabulary tiles of at most this many bytes.
 WEIGHT_TILE_BYTES = 64 * 2**20
 
@@ -122,9 +123,10 @@ def _project_back(g: Tensor, W: Tensor) -> Tensor:
 
 
 def auto_chunk_size(vocab: int, n_rows: int, dtype: torch.dtype = torch.float32) -> int:
-    """Tokens per chunk so the two [chunk, vocab] logit buffers fit DEFAULT_CHUNK_BUDGET_BYTES."""
+    """Tokens per chunk so the two [chunk, vocab] logit buffers fit DEFAULT_CHUNK_BUDGET_BYTES, and at most
+    MAX_CHUNK_TOKENS (beyond that, small vocabularies gain no matmul speed, only memory)."""
     per_row = 2 * vocab * torch.empty((), dtype=compute_dtype(dtype)).element_size()
-    return max(1, min(max(n_rows, 1), DEFAULT_CHUNK_BUDGET_BYTES // per_row))
+    return max(1, min(max(n_rows, 1), MAX_CHUNK_TOKENS, DEFAULT_CHUNK_BUDGET_BYTES // per_row))
 
 
 def _fused_chunks(hs2, Ws, bs, ht2, Wt, bt, lab, rows, cfg, chunk, need, want_ce) -> tuple:
