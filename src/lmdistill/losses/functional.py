@@ -23,8 +23,8 @@ from lmdistill.errors import LmdistillError
 from lmdistill.losses.engine import KDConfig, check_labels, compute_dtype, loss_chunk_
 
 # Default memory for the two fp32 [chunk, vocab] logit buffers of the fused loss when chunk_size=None:
-# 256 tokens at Qwen's 151,936-token vocabulary, where the matmuls are already near full speed on CPU.
-DEFAULT_CHUNK_BUDGET_BYTES = 320 * 2**20
+# 220 tokens at Qwen's 151,936-token vocabulary, where the matmuls are near full speed on CPU.
+DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
 MAX_CHUNK_TOKENS = 512
 # bf16/fp16 weights are upcast to fp32 in vocabulary tiles of at most this many bytes.
 WEIGHT_TILE_BYTES = 64 * 2**20
@@ -186,7 +186,9 @@ class _FusedKD(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         saved, scale = iter(ctx.saved_tensors), g.item()
         grads = [next(saved) if present else None for present in ctx.present]
-        grads = [x if x is None or scale == 1.0 else x * scale for x in grads]
+        # A detached handle (same storage) lets autograd adopt the gradient as .grad instead of copying it,
+        # which for the lm_head weight saves a [V, H] fp32 copy; the saved tensors are freed after backward.
+        grads = [None if x is None else (x.detach() if scale == 1.0 else x * scale) for x in grads]
         return grads[0], grads[1], grads[2], None, None, None, None, None, None, None, None
 
 
