@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 HS, HT, VOCAB = 896, 2048, 151_936
+THREADS = None  # set from --threads for the worker processes
 
 
 def make_inputs(n: int, vocab: int, device: str, seed: int = 0):
@@ -118,7 +119,7 @@ def worker(impl: str, n: int, vocab: int, device: str, repeats: int, warmup: int
 
 def run_in_process(impl, n, vocab, device, repeats, warmup) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", impl, "--n", str(n), "--vocab", str(vocab), "--device", device,
-           "--repeats", str(repeats), "--warmup", str(warmup)]
+           "--repeats", str(repeats), "--warmup", str(warmup)] + (["--threads", str(THREADS)] if THREADS else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         print(f"  {impl} N={n}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -147,10 +148,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="vocabulary 32,768 and a short sweep")
     p.add_argument("--out", default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (default: all cores; use 1 when another job holds a core)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.worker:
         print(json.dumps(worker(a.worker, a.n, a.vocab, a.device, a.repeats, a.warmup)))
         return
+    global THREADS
+    THREADS = a.threads
     vocab = 32_768 if a.quick else a.vocab
     impls = ["naive", "lmdistill"] + (["trl"] if _have_trl() else [])
     print(f"loss engine benchmark on {a.device}: N={a.n}, student H={HS}, teacher H={HT}, V={vocab}, fp32")
@@ -167,7 +174,8 @@ def main() -> None:
     _print_table(main_runs, sweep, summary)
     out = Path(a.out or Path(__file__).parent / "results" / f"loss_engine_{a.device.split(':')[0]}{'_quick' if a.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": torch.get_num_threads(),
+    machine = {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
+               "load_average": list(__import__("os").getloadavg()),
                "torch": torch.__version__, "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"}
     out.write_text(json.dumps({"machine": machine, "runs": main_runs, "sweep": sweep, "summary": summary}, indent=2))
     print(f"saved {out}")
