@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from memory import peak_mb, reset_peak, rss_mb  # benchmarks/memory.py
 
 DATA = Path("/work/shared/data/tinyshakespeare.txt")
 MINIMIND_TOKENIZER = Path("/work/shared/data/minimind_tokenizer")
@@ -57,25 +58,6 @@ TARGET_SPEED, TARGET_MEMORY = 1.5, 0.6  # vs TRL: >= 1.5x tokens/s at <= 0.6x pe
 
 
 # -- measurements shared by the workers ----------------------------------------------------------------------
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-
-
-def reset_peak() -> bool:
-    """Start the RSS high-water mark (and so ru_maxrss) again from the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()

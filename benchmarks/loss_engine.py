@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from memory import peak_mb, reset_peak, rss_mb  # benchmarks/memory.py
 
 HS, HT, VOCAB = 896, 2048, 151_936
 THREADS = None  # set from --threads for the worker processes
@@ -63,29 +64,6 @@ def lmdistill(hs, ws, ht, wt):
 IMPLS = {"naive": naive, "trl": trl, "lmdistill": lmdistill}
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM) so the peak covers only what follows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**10
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-
-
 def worker(impl: str, n: int, vocab: int, device: str, repeats: int, warmup: int) -> dict:
     torch.manual_seed(0)
     hs, ws, ht, wt = make_inputs(n, vocab, device)
@@ -98,8 +76,8 @@ def worker(impl: str, n: int, vocab: int, device: str, repeats: int, warmup: int
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
-        _reset_peak_rss()
-        base = _rss_mb()
+        reset_peak()
+        base = rss_mb()
     times, loss = [], None
     for i in range(warmup + repeats):
         ws.grad = hs.grad = None
@@ -110,7 +88,7 @@ def worker(impl: str, n: int, vocab: int, device: str, repeats: int, warmup: int
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_mb()
     grad_mb = ws.numel() * ws.element_size() / 2**20
     return {"impl": impl, "n": n, "vocab": vocab, "device": device, "seconds": min(times), "all_seconds": times,
             "loss": loss.item(), "base_mb": base, "peak_mb": peak, "weight_grad_mb": grad_mb,
