@@ -13,6 +13,15 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and OpenMP threads crawl when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def shared_file(name: str) -> Path:
     """A file from ../shared/data, or skip the test when that folder is not on this machine."""
     path = SHARED_DATA / name
