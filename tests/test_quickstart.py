@@ -73,7 +73,8 @@ def test_clear_previous_run_removes_only_quickstart_outputs(tmp_path):
 
 def test_quickstart_end_to_end(tmp_path, capsys):
     out = tmp_path / "qs"
-    assert main(["quickstart", "--steps_scale", "0.02", "--seed", "1", "--output_dir", str(out), "--device", "cpu"]) == 0
+    argv = ["quickstart", "--steps_scale", "0.02", "--seed", "1", "--output_dir", str(out), "--device", "cpu"]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "report.md" in printed and "lmdistill distill --teacher" in printed
     for name in ("tokenizer/tokenizer.json", "teacher/model.safetensors", "student_ce/model.safetensors",

@@ -6,7 +6,8 @@
 
 1. Generates its data (`corpus.py`): text about a small world whose facts only show as tendencies over many
    noisy mentions, questions with checkable answers about it, and a held-out split made apart.
-2. Trains a byte-level BPE tokenizer and a teacher (`micro`, 256 x 4) on all the training data.
+2. Trains a byte-level BPE tokenizer and a teacher (`micro`'s width with 2 layers: 256 x 2) on all the training
+   data.
 3. Trains two students (`nano`, 128 x 2) with the same steps, seed and data: the 20% a student gets. One
    learns with cross-entropy, the other matches the teacher's distribution (forward KL) -- the common real
    case where a teacher has seen more data than the student is trained on.

@@ -72,7 +72,6 @@ FILLER = ("{p} met {q} in town.", "{p} and {q} talked for a while.", "{p} wrote 
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 WEATHER = ("sunny", "rainy", "cold", "warm", "windy", "quiet")
 FAVOURITE_P = 0.7  # a mention names the favourite with this probability, one of the other values otherwise
-CAST = 2  # people whose habits a document mentions
 HABIT_SHARE = 0.75  # share of a document's sentences that mention a habit (the rest is filler)
 
 
@@ -109,15 +108,14 @@ def mention(world: World, rng: random.Random, person: str, topic: str) -> str:
     return rng.choice(spec.mentions).format(p=person, v=value)
 
 
-def document(world: World, rng: random.Random, sentences: int, cast_size: int | None = None) -> str:
+def document(world: World, rng: random.Random, sentences: int) -> str:
     """A day in the life of two people: habit mentions and filler. Long documents about a small cast teach
     the models early to copy names from context, which answering a question needs."""
-    cast_size = cast_size or CAST
-    cast = rng.sample(world.people, max(2, cast_size))
+    cast = rng.sample(world.people, 2)
     out = []
     for _ in range(sentences):
         if rng.random() < HABIT_SHARE:
-            out.append(mention(world, rng, rng.choice(cast[:cast_size]), rng.choice(list(TOPICS))))
+            out.append(mention(world, rng, rng.choice(cast), rng.choice(list(TOPICS))))
         else:
             out.append(rng.choice(FILLER).format(p=cast[0], q=cast[1], w=rng.choice(WEATHER)))
     return f"On {rng.choice(DAYS)}, " + " ".join(out)

@@ -5,7 +5,7 @@ Every stage writes into one output folder:
 
     data/        teacher_train.jsonl, student_train.jsonl (the students' 20%), heldout_text.jsonl, heldout_qa.jsonl
     tokenizer/   byte-level BPE trained on the training split (`lmdistill.tokenizer.train_tokenizer`)
-    teacher/     `lmdistill train` run: micro (256 x 4) on all the training data
+    teacher/     `lmdistill train` run: micro's width with 2 layers (256 x 2) on all the training data
     student_ce/  `lmdistill train` run: nano (128 x 2), cross-entropy on the 20%
     student_kd/  `lmdistill distill` run: nano, same steps, seed and 20%, forward KL to the teacher
 """
@@ -195,7 +195,9 @@ def evaluate_models(out: Path, recipe: Recipe, device: str, clock: Clock) -> dic
     tokenizer = load_tokenizer(out / "tokenizer")
     examples = load_examples(out / "data" / "heldout_text.jsonl", tokenizer, recipe.max_seq_len)
     records = load_task_records(out / "data" / "heldout_qa.jsonl")
-    load = lambda name: AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32).to(device).eval()  # noqa: E731
+    def load(name: str):
+        return AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32).to(device).eval()
+
     teacher = load("teacher")
     results = {}
     for name in MODELS:

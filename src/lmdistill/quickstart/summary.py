@@ -34,12 +34,14 @@ On several GPUs, launch the same command with `torchrun --nproc_per_node 8 -m lm
 
 Coming from MiniMind's `train_distillation.py`: the same flag names work with the same meaning
 (`--out_dir --epochs --batch_size --learning_rate --data_path --max_seq_len --alpha --temperature
---accumulation_steps --grad_clip --warmup_iters --dtype --device --use_wandb --wandb_project`), with
-`--teacher` and `--student` given as HF folders or MiniMind presets:
+--accumulation_steps --grad_clip --warmup_iters --dtype --device --use_wandb --wandb_project`). Teacher and
+student are HF folders; a preset name (`minimind2-small`, `minimind2`, `minimind3`, ...) as `--student` starts
+it from scratch with MiniMind's architecture:
 
 ```bash
-lmdistill distill --teacher out/minimind2-hf --student minimind2-small --data_path dataset/sft_mini_512.jsonl \\
-    --out_dir out/kd --epochs 1 --batch_size 32 --learning_rate 5e-6 --max_seq_len 512 --alpha 0.0 --temperature 1.0
+lmdistill distill --teacher /models/minimind2-hf --student /models/minimind2-small-hf \\
+    --data_path dataset/sft_mini_512.jsonl --out_dir out/kd --epochs 1 --batch_size 32 \\
+    --learning_rate 5e-6 --max_seq_len 512 --alpha 0.0 --temperature 1.0
 ```
 """
 
@@ -113,8 +115,9 @@ def write_report(out: Path, results: dict[str, dict], facts: dict, recipe: Recip
    asked only in the {facts['heldout_questions']} held-out questions, next to {facts['heldout_documents']} held-out
    documents. Files in `data/`.
 2. **Tokenizer**: a byte-level BPE trained on the training split ({facts['tokenizer_size']:,} tokens), `tokenizer/`.
-3. **Teacher** (`lmdistill train`): {recipe.teacher}, {t['params'] / 1e6:.2f}M parameters, {t['train_steps']}
-   steps on all {facts['teacher_records']:,} training records, `teacher/`.
+3. **Teacher** (`lmdistill train`): the `{recipe.teacher}` preset's width with {recipe.teacher_layers} layers,
+   {t['params'] / 1e6:.2f}M parameters, {t['train_steps']} steps on all {facts['teacher_records']:,} training records,
+   `teacher/`.
 4. **Two students** of {s['params'] / 1e6:.2f}M parameters ({recipe.student}), with the same
    {s['train_steps']} steps, seed and data: the {facts['student_records']:,} records
    ({recipe.student_fraction:.0%}) a student gets. `student_ce/` learns with cross-entropy on the text
@@ -136,8 +139,10 @@ at the same positions, the teacher's aggregate.
 
 ![students' training loss](loss.png)
 
-The CE student's training loss falls far below its held-out CE ({results['student_ce']['ce']:.2f}): it memorises
-its 20%. The distilled student's loss is its KL to the teacher (its CE on the training text is the dashed line).
+The CE student ends with a training loss of {_last(out, 'student_ce', 'loss'):.2f} against a held-out CE of
+{results['student_ce']['ce']:.2f}: it memorises its 20%. The distilled student's loss is its KL to the teacher; its
+CE on the same training text (dashed) ends at {_last(out, 'student_kd', 'ce_loss'):.2f}, close to its held-out
+{results['student_kd']['ce']:.2f}.
 
 ![held-out metrics](heldout.png)
 
@@ -154,6 +159,14 @@ and the options it ran with (`lmdistill_config.yaml`).
     path = out / "report.md"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _last(out: Path, run: str, key: str) -> float:
+    """The last logged value of a train metric of a run."""
+    from lmdistill.report import read_metrics
+
+    values = [r[key] for r in read_metrics(out / run)["train"] if r.get(key) is not None]
+    return values[-1] if values else float("nan")
 
 
 def _pct() -> str:
