@@ -99,6 +99,26 @@ def test_fused_matches_reference_values_and_gradients(div, T, alpha, top_k):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("div,T,alpha,top_k", [("forward_kl", 1.0, 0.0, None), ("reverse_kl", 2.0, 0.3, 4)])
+def test_fused_cpu_vocab_tiles_match_reference(monkeypatch, div, T, alpha, top_k):
+    """The CPU path for large lm_heads (transposed products per vocabulary tile), forced on small sizes with
+    tiles that do not divide the vocabulary."""
+    from lmdistill.losses import functional
+
+    monkeypatch.setattr(functional, "WEIGHT_TILE_BYTES", 8 * 6)  # any weight above 48 bytes takes the tiled path
+    monkeypatch.setattr(functional, "CPU_TILE_BYTES", 8 * 3 * 2)  # 3-token chunks -> 2 vocabulary rows per tile
+    hs, Ws, ht, Wt, labels = _inputs(n=11, V=13, seed=7)
+    hs.requires_grad_(), Ws.requires_grad_()
+    kw = dict(divergence=div, temperature=T, alpha=alpha, top_k=top_k)
+    ours = fused_distillation_loss(hs, Ws, ht, Wt, labels, chunk_size=3, **kw)
+    g_ours = torch.autograd.grad(ours, (hs, Ws))
+    ref = reference(hs @ Ws.T, ht @ Wt.T, labels, div, T, alpha, top_k=top_k)
+    g_ref = torch.autograd.grad(ref, (hs, Ws))
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("div", DIVS)
 @pytest.mark.parametrize("top_k", [None, 3])
 def test_gradcheck_both_apis(div, top_k):
@@ -293,9 +313,41 @@ def test_ce_sum_is_reported_for_logging_when_alpha_is_zero():
     torch.testing.assert_close(parts.loss, reference(hs @ Ws.T, ht @ Wt.T, labels, T=2.0))  # CE not in the loss
 
 
+@pytest.mark.parametrize("div", [d for d in DIVS if d != "reverse_kl"])  # KL(q || p) is +inf where p = 0 < q
+@pytest.mark.parametrize("T,alpha", [(1.0, 0.3), (2.0, 0.0)])
+def test_teacher_logits_masked_to_minus_inf(div, T, alpha):
+    """A teacher that masks tokens (-inf logits, p = 0): finite loss and gradients, 0 log 0 = 0."""
+    hs, Ws, ht, Wt, labels = _inputs(seed=17)
+    zt = ht @ Wt.T
+    zt[:, [2, 5]] = -float("inf")
+    zs = (hs @ Ws.T).requires_grad_()
+    ours = distillation_loss(zs, zt, labels, divergence=div, temperature=T, alpha=alpha)
+    (g,) = torch.autograd.grad(ours, zs)
+    zs_r = zs.detach().clone().requires_grad_()
+    ref = reference(zs_r, zt, labels, div, T, alpha)
+    (g_ref,) = torch.autograd.grad(ref, zs_r)
+    assert torch.isfinite(ours) and torch.isfinite(g).all()
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+
+
 def test_labels_only_mark_positions_when_alpha_is_zero():
     hs, Ws, ht, Wt, labels = _inputs(seed=17)
     marks = torch.where(labels != -100, torch.full_like(labels, 10_000), labels)  # not token ids
     for T in (1.0, 2.0):
         loss = distillation_loss(hs @ Ws.T, ht @ Wt.T, marks, temperature=T)
         torch.testing.assert_close(loss, reference(hs @ Ws.T, ht @ Wt.T, labels, T=T))
+
+
+@pytest.mark.parametrize("vocab", [13, 6400, 151_936])
+@pytest.mark.parametrize("n", [1, 7, 1000, 1024, 4099])
+def test_auto_chunk_size_fits_the_budget_in_equal_chunks(vocab, n):
+    from lmdistill.losses import auto_chunk_size
+    from lmdistill.losses.functional import DEFAULT_CHUNK_BUDGET_BYTES, MAX_CHUNK_TOKENS
+
+    c = auto_chunk_size(vocab, n)
+    assert 1 <= c <= MAX_CHUNK_TOKENS and 2 * vocab * 4 * c <= max(DEFAULT_CHUNK_BUDGET_BYTES, 2 * vocab * 4)
+    chunks = -(-n // c)
+    largest = min(n, MAX_CHUNK_TOKENS, DEFAULT_CHUNK_BUDGET_BYTES // (2 * vocab * 4))
+    assert chunks == -(-n // largest)  # no more chunks than the budget needs
+    assert n - (chunks - 1) * c >= c - chunks  # the last chunk is not a small remainder

@@ -15,10 +15,11 @@ from lmdistill.losses.functional import (
     fused_distillation_loss,
     fused_cross_entropy_parts,
     fused_distillation_loss_parts,
+    fused_topk_distillation_loss_parts,
 )
 
 __all__ = [
     "ALIASES", "DIVERGENCES", "KDConfig", "LossParts", "auto_chunk_size", "canonical_divergence",
     "distillation_loss", "distillation_loss_parts", "fused_cross_entropy_parts", "fused_distillation_loss",
-    "fused_distillation_loss_parts",
+    "fused_distillation_loss_parts", "fused_topk_distillation_loss_parts",
 ]

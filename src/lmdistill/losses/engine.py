@@ -96,9 +96,51 @@ def _kd_block(zs: Tensor, zt: Tensor, cfg: KDConfig) -> tuple[Tensor, Tensor, Te
     return value, a, logq
 
 
+def _softmax_lse(z: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax(z) and logsumexp(z) [R, 1] with one exp pass: the largest probability sits at the largest
+    logit, so lse = max z - log max softmax(z)."""
+    m = z.amax(-1, keepdim=True)
+    probs = torch.softmax(z, -1)
+    return probs, m - probs.amax(-1, keepdim=True).log()
+
+
+def _forward_kl_block_(zs: Tensor, zt: Tensor, target: Tensor, cfg: KDConfig, weight: float,
+                       want_ce: bool) -> tuple[Tensor, Tensor]:
+    """`_loss_block_` for forward KL over the full vocabulary when alpha = 0 or T = 1 (the common case):
+    two exp passes instead of four and no [R, V] temporaries beyond p and q. Overwrites zs and zt.
+
+    KL(p || q) = sum p (zt - zs) / T - (lse_t - lse_s) for the tempered logits; gradient T (q - p)."""
+    T, alpha = cfg.temperature, cfg.alpha
+    ce = zs.new_zeros(())
+    if want_ce or alpha > 0:  # CE at T = 1 from the raw logits: lse(zs) - zs[label]
+        z_label = zs.gather(-1, target[:, None]).squeeze(-1)
+        if T != 1.0:
+            ce = (torch.logsumexp(zs, -1) - z_label).sum()
+    if T != 1.0:
+        zs.div_(T), zt.div_(T)
+    p, lse_t = _softmax_lse(zt)
+    q, lse_s = _softmax_lse(zs)
+    if T == 1.0 and (want_ce or alpha > 0):
+        ce = (lse_s.squeeze(-1) - z_label).sum()
+    d = zt.sub_(zs)
+    rows = torch.linalg.vecdot(p, d)
+    if not bool(torch.isfinite(rows).all()):  # -inf teacher logits: p = 0 there, and 0 * log 0 = 0
+        rows = torch.linalg.vecdot(p, d.masked_fill_(p == 0, 0.0))
+    kd = (rows - (lse_t - lse_s).squeeze(-1)).sum()
+    c_kd = (1.0 - alpha) * T * weight  # d(T^2 KL)/dz = T (q - p)
+    c_ce = alpha * weight  # at T = 1 the CE gradient is q - onehot with the same q
+    torch.mul(q, c_kd + c_ce, out=zs).sub_(p, alpha=c_kd)
+    if alpha > 0:
+        zs.scatter_add_(-1, target[:, None], zs.new_full((len(target), 1), -c_ce))
+    return kd, ce
+
+
 def _loss_block_(zs: Tensor, zt: Tensor | None, target: Tensor, cfg: KDConfig, weight: float,
                  want_ce: bool) -> tuple[Tensor, Tensor]:
-    """KD and CE sums of a row block; overwrites zs [R, V] with weight * d loss / d zs."""
+    """KD and CE sums of a row block; overwrites zs [R, V] with weight * d loss / d zs (and may overwrite zt)."""
+    if (zt is not None and cfg.divergence == "forward_kl" and (cfg.top_k is None or cfg.top_k >= zs.shape[-1])
+            and (cfg.alpha == 0 or cfg.temperature == 1.0)):
+        return _forward_kl_block_(zs, zt, target, cfg, weight, want_ce)
     ce = kd = zs.new_zeros(())
     logq = None
     if zt is None:  # CE only (no teacher)
@@ -128,7 +170,8 @@ def loss_chunk_(zs: Tensor, zt: Tensor | None, target: Tensor, cfg: KDConfig, we
                 want_ce: bool = True) -> tuple[Tensor, Tensor]:
     """KD and CE sums over a chunk of trained rows; overwrites zs [C, V] with weight * d loss / d zs.
 
-    zs, zt: [C, V] logits in the compute dtype (zt is only read; None = no teacher, CE only, needs alpha = 1);
+    zs, zt: [C, V] logits in the compute dtype (zt is scratch too: callers pass a buffer of their own;
+    None = no teacher, CE only, needs alpha = 1);
     target: [C] label ids (used for CE; with alpha = 0 the CE sum is still returned, for logging, when
     want_ce says the labels are token ids).
     """

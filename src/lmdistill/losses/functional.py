@@ -20,14 +20,17 @@ import torch
 from torch import Tensor
 
 from lmdistill.errors import LmdistillError
+from lmdistill.losses.divergences import NEEDS_TAIL_BUCKET
 from lmdistill.losses.engine import KDConfig, check_labels, compute_dtype, loss_chunk_
 
 # Default memory for the two fp32 [chunk, vocab] logit buffers of the fused loss when chunk_size=None:
-# 220 tokens at Qwen's 151,936-token vocabulary, where the matmuls are near full speed on CPU.
-DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
+# up to 258 tokens at Qwen's 151,936-token vocabulary, where the matmuls are near full speed on CPU.
+DEFAULT_CHUNK_BUDGET_BYTES = 300 * 2**20
 MAX_CHUNK_TOKENS = 512
 # bf16/fp16 weights are upcast to fp32 in vocabulary tiles of at most this many bytes.
 WEIGHT_TILE_BYTES = 64 * 2**20
+# On CPU, logits of large lm_heads are computed in vocabulary tiles whose [tile, chunk] output has this size.
+CPU_TILE_BYTES = 1 * 2**20
 
 
 @dataclass
@@ -101,14 +104,30 @@ class _LogitsKD(torch.autograd.Function):
 
 
 def _project(h: Tensor, W: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
-    """out [C, V] = h @ W.T + b in out's dtype; low-precision weights are upcast tile by tile."""
+    """out [C, V] = h @ W.T + b in out's dtype; low-precision weights are upcast tile by tile.
+
+    On CPU, for large weights (Qwen's lm_head), the product is taken as W_tile @ h.T per vocabulary tile of
+    CPU_TILE_BYTES (a small [tile, C] buffer, cache-resident, copied transposed into out): MKL runs that
+    shape ~25% faster than h @ W.T when C is a few hundred tokens, which is what token chunks are
+    (benchmarks/loss_engine.py). Small weights gain nothing from it and take the single matmul."""
     dt = out.dtype
-    if W.dtype == dt:
+    transposed = out.device.type == "cpu" and W.numel() * out.element_size() > WEIGHT_TILE_BYTES
+    if W.dtype == dt and not transposed:
         torch.mm(h, W.t(), out=out)
     else:
         tile = max(1, WEIGHT_TILE_BYTES // (W.shape[1] * out.element_size()))
+        if transposed:
+            tile = min(tile, max(1, CPU_TILE_BYTES // (out.shape[0] * out.element_size())))
+        hT = h.t()
+        tmp = out.new_empty(min(tile, W.shape[0]), out.shape[0]) if transposed else None
         for s in range(0, W.shape[0], tile):
-            out[:, s : s + tile] = h @ W[s : s + tile].to(dt).t()
+            w = W[s : s + tile] if W.dtype == dt else W[s : s + tile].to(dt)
+            if tmp is None:
+                out[:, s : s + tile] = h @ w.t()
+            else:
+                t = tmp[: w.shape[0]]
+                torch.mm(w, hT, out=t)
+                out[:, s : s + tile].copy_(t.t())
     if b is not None:
         out.add_(b.to(dt))
     return out
@@ -124,31 +143,39 @@ def _project_back(g: Tensor, W: Tensor) -> Tensor:
 
 def auto_chunk_size(vocab: int, n_rows: int, dtype: torch.dtype = torch.float32) -> int:
     """Tokens per chunk so the two [chunk, vocab] logit buffers fit DEFAULT_CHUNK_BUDGET_BYTES, and at most
-    MAX_CHUNK_TOKENS (beyond that, small vocabularies gain no matmul speed, only memory)."""
+    MAX_CHUNK_TOKENS (beyond that, small vocabularies gain no matmul speed, only memory); the rows are then
+    split into equal chunks (1,024 rows at budget 258 -> 4 x 256, not 3 x 258 + 250)."""
     per_row = 2 * vocab * torch.empty((), dtype=compute_dtype(dtype)).element_size()
-    return max(1, min(max(n_rows, 1), MAX_CHUNK_TOKENS, DEFAULT_CHUNK_BUDGET_BYTES // per_row))
+    n = max(n_rows, 1)
+    largest = max(1, min(n, MAX_CHUNK_TOKENS, DEFAULT_CHUNK_BUDGET_BYTES // per_row))
+    return -(-n // -(-n // largest))
 
 
-def _fused_chunks(hs2, Ws, bs, ht2, Wt, bt, lab, rows, cfg, chunk, need, want_ce) -> tuple:
-    """Walk trained rows in token chunks: loss sums and gradients (dh [n, H], dW, db) in the compute dtype."""
+def _fused_chunks(hs2, Ws, bs, teacher, lab, rows, cfg, chunk, need, want_ce) -> tuple:
+    """Walk trained rows in token chunks: loss sums and gradients (dh [n, H], dW, db) in the compute dtype.
+    `teacher(start, r, out)` writes the teacher logits of trained rows [start, start + len(r)) (positions r)
+    into out [len(r), V]; None = CE only."""
     dt, n, dev = compute_dtype(hs2.dtype), len(rows), hs2.device
     weight = _weight(cfg, n)
-    dh = torch.zeros(n, hs2.shape[1], dtype=dt, device=dev) if need[0] else None
-    dW = torch.zeros(Ws.shape, dtype=dt, device=dev) if need[1] else None
+    # dh rows are each written once and dW is set by the first chunk: no zero-filling pass over them.
+    dh = torch.empty(n, hs2.shape[1], dtype=dt, device=dev) if need[0] else None
+    dW = (torch.empty if n else torch.zeros)(Ws.shape, dtype=dt, device=dev) if need[1] else None
     db = torch.zeros(bs.shape, dtype=dt, device=dev) if need[2] else None
     zs_buf = torch.empty(min(chunk, n), Ws.shape[0], dtype=dt, device=dev)
-    zt_buf = None if Wt is None else torch.empty_like(zs_buf)
+    zt_buf = None if teacher is None else torch.empty_like(zs_buf)
     kd, ce = zs_buf.new_zeros(()), zs_buf.new_zeros(())
     for start in range(0, n, chunk):
         r = rows[start : start + chunk]
         h = hs2.index_select(0, r).to(dt)
         zs = _project(h, Ws, bs, zs_buf[: len(r)])
-        zt = None if Wt is None else _project(ht2.index_select(0, r).to(dt), Wt, bt, zt_buf[: len(r)])
+        zt = None if teacher is None else teacher(start, r, zt_buf[: len(r)])
         kd_c, ce_c = loss_chunk_(zs, zt, lab[r], cfg, weight, want_ce)  # zs now holds d loss / d logits
         kd, ce = kd + kd_c, ce + ce_c
         if dh is not None:
             dh[start : start + chunk] = _project_back(zs, Ws)
-        if dW is not None:
+        if dW is not None and start == 0:
+            torch.mm(zs.t(), h, out=dW)
+        elif dW is not None:
             dW.addmm_(zs.t(), h)
         if db is not None:
             db += zs.sum(0)
@@ -157,16 +184,25 @@ def _fused_chunks(hs2, Ws, bs, ht2, Wt, bt, lab, rows, cfg, chunk, need, want_ce
 
 class _FusedKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hs, Ws, bs, ht, Wt, bt, labels, cfg: KDConfig, chunk: int | None, V: int, parts: LossParts):
+    def forward(ctx, hs, Ws, bs, ht, Wt, bt, labels, cfg: KDConfig, chunk: int | None, V: int, parts: LossParts,
+                topk=None):
         hs2, lab = hs.reshape(-1, hs.shape[-1]), labels.reshape(-1)
-        ht2 = None if ht is None else ht.reshape(-1, ht.shape[-1])
         rows = _trained_rows(labels, cfg.ignore_index)
         want_ce = check_labels(lab[rows], V, cfg)
         chunk = chunk or auto_chunk_size(V, len(rows), hs.dtype)
         cut = lambda x: None if x is None else x[:V]  # noqa: E731  (padded vocabulary rows)
+        teacher = None
+        if ht is not None:
+            ht2, Wt, bt, dt = ht.reshape(-1, ht.shape[-1]), cut(Wt), cut(bt), compute_dtype(hs.dtype)
+            teacher = lambda start, r, out: _project(ht2.index_select(0, r).to(dt), Wt, bt, out)  # noqa: E731
+        elif topk is not None:
+            if len(topk.ids) != len(rows):
+                raise LmdistillError(f"fused_topk_distillation_loss: the teacher has {len(topk.ids)} rows but the "
+                                     f"labels mark {len(rows)} trained positions; expected one row per position.")
+            teacher = lambda start, r, out: topk.dense_logits(start, start + len(r), out)  # noqa: E731
         with torch.autocast(hs.device.type, enabled=False):  # chunk arithmetic is fp32 even under AMP
-            kd, ce, weight, dh, dW, db = _fused_chunks(hs2, cut(Ws), cut(bs), ht2, cut(Wt), cut(bt), lab, rows, cfg,
-                                                       chunk, ctx.needs_input_grad[:3], want_ce)
+            kd, ce, weight, dh, dW, db = _fused_chunks(hs2, cut(Ws), cut(bs), teacher, lab, rows, cfg, chunk,
+                                                       ctx.needs_input_grad[:3], want_ce)
         full_dh = full_dW = full_db = None
         if dh is not None:
             full_dh = hs.new_zeros(hs2.shape).index_copy_(0, rows, dh.to(hs.dtype)).view(hs.shape)
@@ -189,7 +225,7 @@ class _FusedKD(torch.autograd.Function):
         # A detached handle (same storage) lets autograd adopt the gradient as .grad instead of copying it,
         # which for the lm_head weight saves a [V, H] fp32 copy; the saved tensors are freed after backward.
         grads = [None if x is None else (x.detach() if scale == 1.0 else x * scale) for x in grads]
-        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None, None, None
 
 
 def _check_shapes(what: str, a: Tensor, b: Tensor, labels: Tensor, dims: tuple[str, str]) -> None:
@@ -234,6 +270,42 @@ def fused_distillation_loss_parts(student_hidden: Tensor, student_lm_head_weight
     parts = LossParts()
     parts.loss = _FusedKD.apply(student_hidden, Ws, student_lm_head_bias, teacher_hidden.detach(), Wt, bt, labels,
                                 cfg, chunk_size, V, parts)
+    return parts
+
+
+def fused_topk_distillation_loss_parts(student_hidden: Tensor, student_lm_head_weight: Tensor, teacher, labels: Tensor,
+                                       *, chunk_size: int | None = None, student_lm_head_bias: Tensor | None = None,
+                                       **options) -> LossParts:
+    """The fused loss against a top-k teacher given as rows (`lmdistill.teachers.TopKTeacher`: ids, T=1 logits
+    and log-normalizer of the teacher at each trained position, in the order of `labels != ignore_index`).
+
+    Equals `fused_distillation_loss` with the online teacher and `top_k=k` (default: the rows' k; a smaller
+    `top_k` keeps the largest of them): renormalized over the k tokens at any temperature; divergences with
+    a tail bucket (reverse KL) take the rest of the teacher's mass from the log-normalizer, known at T=1."""
+    options.setdefault("top_k", teacher.k)
+    cfg = KDConfig(**options)
+    if cfg.top_k is None or cfg.top_k > teacher.k:
+        raise LmdistillError(f"top_k: the teacher rows hold the top {teacher.k} tokens; expected top_k <= {teacher.k}, "
+                             f"found {cfg.top_k}.")
+    if cfg.divergence in NEEDS_TAIL_BUCKET and cfg.temperature != 1.0 and cfg.top_k < teacher.vocab_size:
+        raise LmdistillError(f"{cfg.divergence} with a top-k teacher cache needs temperature 1 (found "
+                             f"{cfg.temperature}): the cache knows the teacher's remaining mass only at T=1.")
+    Ws = student_lm_head_weight
+    if Ws.dim() != 2 or Ws.shape[1] != student_hidden.shape[-1]:
+        raise LmdistillError(f"fused_topk_distillation_loss: expected student_lm_head_weight of shape "
+                             f"[vocab, {student_hidden.shape[-1]}], found {tuple(Ws.shape)}.")
+    if student_hidden.shape[:-1] != labels.shape:
+        raise LmdistillError(f"fused_topk_distillation_loss: expected labels of shape {tuple(student_hidden.shape[:-1])} "
+                             f"(student_hidden without its last dimension), found {tuple(labels.shape)}.")
+    V = teacher.vocab_size
+    if Ws.shape[0] < V:
+        raise LmdistillError(f"fused_topk_distillation_loss: the teacher's vocabulary has {V} tokens but the student's "
+                             f"lm_head only {Ws.shape[0]} rows.")
+    if chunk_size is not None and chunk_size < 1:
+        raise LmdistillError(f"chunk_size: expected None or an integer >= 1, found {chunk_size}.")
+    parts = LossParts()
+    parts.loss = _FusedKD.apply(student_hidden, Ws, student_lm_head_bias, None, None, None, labels, cfg, chunk_size, V,
+                                parts, teacher.to(student_hidden.device))
     return parts
 
 
