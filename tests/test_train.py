@@ -163,6 +163,27 @@ def test_final_outputs_frozen_teacher_and_minimind_flags(tiny_teacher_dir, tiny_
     assert (out / "lmdistill_config.yaml").is_file()
 
 
+def test_rerun_without_resume_starts_a_new_log_and_restores_signal_handlers(tiny_teacher_dir, tiny_chat,
+                                                                            tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+
+    def mine(signum, frame):  # pragma: no cover - never called
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        for steps in (3, 2):
+            assert Trainer(make_args("distill", _distill_argv(tiny_teacher_dir, tiny_chat, out, "--max_steps",
+                                                              steps, "--batch_size", 4))).train() == 0
+            assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
 def test_recipe_yaml_and_unknown_key(tiny_teacher_dir, tiny_chat, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"teacher: {tiny_teacher_dir}\nstudent: nano\ndim: 32\nn_layers: 1\ndata_path: {tiny_chat}\n"

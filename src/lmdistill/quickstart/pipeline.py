@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import signal
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -134,14 +133,9 @@ def run_training(command: str, argv: list[str]) -> float:
     """One Trainer run; returns its seconds. A Ctrl-C that stopped the run stops the quickstart too."""
     from lmdistill.train.loop import Trainer
 
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     start = time.perf_counter()
-    try:
-        trainer = Trainer(train_args(command, argv))
-        trainer.train()
-    finally:
-        for sig, handler in handlers.items():  # the Trainer installs its own; give the user's Ctrl-C back
-            signal.signal(sig, handler)
+    trainer = Trainer(train_args(command, argv))
+    trainer.train()  # restores the caller's SIGINT/SIGTERM handlers when it returns
     if trainer.stop_signal:
         raise KeyboardInterrupt
     return time.perf_counter() - start

@@ -21,6 +21,7 @@ from lmdistill.report.runs import Metrics, eval_metric_names, has_kd, is_number,
 METRIC_LABELS = {
     "ce": "eval CE (nats/token) ↓", "ppl": "perplexity ↓", "bits_per_byte": "bits per byte ↓",
     "kl_to_teacher": "KL(teacher ‖ model) ↓", "agreement": "top-1 agreement with teacher ↑",
+    "accuracy": "exact match ↑",
 }
 _STYLES = {"loss": ("-", "total"), "ce_loss": ("--", "CE part"), "kd_loss": (":", "KD part")}
 

@@ -63,6 +63,9 @@ def _distill(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--teacher", required=False, help="teacher: a local HF model folder (or a preset, for tests)")
     a("--student", required=False, help="student: a preset name or a local HF model folder")
+    a("--teacher_cache", default=None,
+      help="a folder made by `lmdistill cache-teacher`: the teacher's top-k at every trained position, read "
+           "instead of running a teacher")
     a("--teacher_adapter", default=None, help="LoRA adapter folder merged into the teacher")
     a("--teacher_dtype", default=None, choices=["float32", "bfloat16", "float16"],
       help="teacher weights dtype (default: bfloat16 under --dtype bfloat16, else float32)")

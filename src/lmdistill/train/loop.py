@@ -30,7 +30,7 @@ from accelerate.utils import DistributedType
 
 from lmdistill.errors import LmdistillError
 from lmdistill.eval.lm import evaluate_lm, shift_labels
-from lmdistill.losses import fused_cross_entropy_parts, fused_distillation_loss_parts
+from lmdistill.losses import fused_cross_entropy_parts, fused_distillation_loss_parts, fused_topk_distillation_loss_parts
 from lmdistill.models import forward_hidden, is_moe, lm_head_of
 from lmdistill.train import state as ckpt
 from lmdistill.train.metrics import MetricsLogger
@@ -92,6 +92,8 @@ class Trainer:
         s = build(args, self.acc.device, self.acc.is_main_process)
         self.tokenizer, self.teacher, self.examples, self.eval_examples, self.vocab = (
             s.tokenizer, s.teacher, s.examples, s.eval_examples, s.vocab_size)
+        self.teacher_cache = s.teacher_cache
+        self.distilling = self.teacher is not None or self.teacher_cache is not None
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.per_step = args.batch_size * args.accumulation_steps * self.world
         self.total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(self.examples) / self.per_step))
@@ -118,10 +120,11 @@ class Trainer:
         out = []
         for m in range(self.args.accumulation_steps):
             first = base + (m * self.world + self.rank) * bs
-            batch = [self.examples[self.stream[i]] for i in range(first, first + bs)]
+            indices = [self.stream[i] for i in range(first, first + bs)]
             from lmdistill.data import pad_batch
 
-            out.append({k: v.to(self.acc.device) for k, v in pad_batch(batch, self.tokenizer.pad_token_id).items()})
+            padded = pad_batch([self.examples[i] for i in indices], self.tokenizer.pad_token_id)
+            out.append({**{k: v.to(self.acc.device) for k, v in padded.items()}, "example_index": indices})
         return out
 
     def micro_loss(self, batch: dict):
@@ -130,6 +133,13 @@ class Trainer:
         targets = shift_labels(batch["labels"])
         out = forward_hidden(self.model, batch["input_ids"], batch["attention_mask"])
         w, b = _full(lm_head_of(self.model))
+        options = dict(divergence=a.divergence, temperature=a.temperature, alpha=a.alpha, skew_lambda=a.skew_lambda,
+                       jsd_beta=a.jsd_beta, top_k=a.top_k) if self.distilling else {}
+        if self.teacher_cache is not None:
+            rows = self.teacher_cache.rows(batch["example_index"], a.top_k)
+            options["top_k"] = a.top_k or rows.k
+            return fused_topk_distillation_loss_parts(out.hidden, w, rows, targets, reduction="sum",
+                                                      student_lm_head_bias=b, **options), out.aux_loss
         if self.teacher is None:
             return fused_cross_entropy_parts(out.hidden, w, targets, reduction="sum", lm_head_bias=b), out.aux_loss
         with torch.no_grad():
@@ -137,8 +147,7 @@ class Trainer:
             wt, bt = _full(lm_head_of(self.teacher))
         parts = fused_distillation_loss_parts(
             out.hidden, w, teacher_hidden, wt, targets, reduction="sum", vocab_size=self.vocab,
-            student_lm_head_bias=b, teacher_lm_head_bias=bt, divergence=a.divergence,
-            temperature=a.temperature, alpha=a.alpha, skew_lambda=a.skew_lambda, jsd_beta=a.jsd_beta, top_k=a.top_k)
+            student_lm_head_bias=b, teacher_lm_head_bias=bt, **options)
         return parts, out.aux_loss
 
     def accumulate(self, batches: list[dict]) -> dict:
@@ -160,7 +169,7 @@ class Trainer:
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         g = self._sum(torch.cat([sums, torch.tensor([tokens], dtype=torch.float64)]))
         n = max(n_global, 1)
-        return {"loss": g[3].item() / n, "kd_loss": g[0].item() / n if self.teacher is not None else None,
+        return {"loss": g[3].item() / n, "kd_loss": g[0].item() / n if self.distilling else None,
                 "ce_loss": g[1].item() / n, "aux_loss": g[2].item() / self.world, "trained_tokens": n_global,
                 "tokens": int(g[4].item())}
 
@@ -210,11 +219,13 @@ class Trainer:
             (self.out / "lmdistill_config.yaml").write_text(yaml.safe_dump(vars(a), sort_keys=False))
         if a.resume:
             self.resume(a.resume)
+        elif self.acc.is_main_process:
+            _truncate_metrics(self.out / "metrics.jsonl", 0)  # a fresh run into a used folder starts a new log
         if self.acc.is_main_process and a.report_to != "none" or a.use_wandb:
             self.acc.init_trackers(a.wandb_project, config={k: v for k, v in vars(a).items() if v is not None})
         log = MetricsLogger(self.out, self.total_steps, self.step, self.acc.is_main_process, self.acc,
                             trackers=a.report_to != "none" or a.use_wandb)
-        self._install_signal_handlers()
+        previous_handlers = self._install_signal_handlers()
         self.model.train()
         try:
             while self.step < self.total_steps:
@@ -244,6 +255,8 @@ class Trainer:
             self.finish()
         finally:
             log.close()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
         return 0
 
     def _eval_due(self) -> bool:
@@ -277,12 +290,15 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     # -- signals -----------------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self) -> dict:
+        """SIGINT/SIGTERM finish the step and save; returns the handlers they replace (restored after train)."""
         def handler(signum, _frame):
             self.stop_signal = signal.Signals(signum).name
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
             signal.signal(sig, handler)
+        return previous
 
     def _stop_requested(self) -> bool:
         return bool(self._sum(1.0 if self.stop_signal else 0.0) > 0)

@@ -24,6 +24,7 @@ class Setup:
     examples: Any
     eval_examples: Any | None
     vocab_size: int | None  # compare only the first vocab_size logits (padded embeddings), None = all
+    teacher_cache: Any | None = None  # lmdistill.teachers.TeacherCache instead of an online teacher
 
 
 def require(args: argparse.Namespace, *names: str) -> None:
@@ -102,9 +103,15 @@ def build(args: argparse.Namespace, device, is_main: bool) -> Setup:
     from lmdistill.models import load_teacher
 
     distill = args.command == "distill"
-    require(args, "data", "output_dir", *(("teacher", "student") if distill else ("model",)))
-    teacher = teacher_tok = None
-    if distill:
+    cached = distill and bool(getattr(args, "teacher_cache", None))
+    if cached and args.teacher:
+        raise LmdistillError("give --teacher (an online teacher) or --teacher_cache (a cache made by `lmdistill "
+                             "cache-teacher`), not both.")
+    require(args, "data", "output_dir", *(("student",) if cached else ("teacher", "student") if distill else ("model",)))
+    teacher = teacher_tok = cache = None
+    if cached:
+        tokenizer, student, cache, vocab = _cached_teacher_setup(args, device)
+    elif distill:
         teacher_tok = load_tokenizer(args.teacher, "--teacher") if _has_tokenizer(args.teacher) else None
         tokenizer = load_tokenizer(args.tokenizer, "--tokenizer") if args.tokenizer else teacher_tok
         if tokenizer is None:
@@ -119,6 +126,8 @@ def build(args: argparse.Namespace, device, is_main: bool) -> Setup:
         tokenizer = load_tokenizer(tok_path, "--tokenizer")
         student, vocab = build_student(args, args.model, tokenizer, device), None
     examples = load_examples(args.data, tokenizer, args.max_seq_len, args.data_format, args.skip_bad_records)
+    if cache is not None:
+        cache.check_examples(examples)
     eval_examples = None
     if args.eval_data:
         eval_examples = load_examples(args.eval_data, tokenizer, args.max_seq_len, args.data_format, args.skip_bad_records)
@@ -126,4 +135,32 @@ def build(args: argparse.Namespace, device, is_main: bool) -> Setup:
         print(f"train data: {examples.stats.summary()}")
         if eval_examples is not None:
             print(f"eval data: {eval_examples.stats.summary()}")
-    return Setup(tokenizer, student, teacher, examples, eval_examples, vocab)
+    return Setup(tokenizer, student, teacher, examples, eval_examples, vocab, cache)
+
+
+def _cached_teacher_setup(args, device):
+    """Tokenizer, student, cache and compared vocabulary for `distill --teacher_cache DIR`; the option checks a
+    cache implies run here, before any compute."""
+    from lmdistill.losses.divergences import NEEDS_TAIL_BUCKET, canonical_divergence
+    from lmdistill.teachers import TeacherCache
+
+    cache = TeacherCache(args.teacher_cache)
+    if args.teacher_adapter:
+        raise LmdistillError("--teacher_adapter: the teacher cache already holds the (adapted) teacher's outputs; "
+                             "pass the adapter to `lmdistill cache-teacher` instead.")
+    if args.top_k is not None and args.top_k > cache.k:
+        raise LmdistillError(f"--top_k: the teacher cache '{cache.folder}' holds the top {cache.k} tokens per "
+                             f"position; expected --top_k <= {cache.k}, found {args.top_k}.")
+    if (canonical_divergence(args.divergence) in NEEDS_TAIL_BUCKET and args.temperature != 1.0
+            and (args.top_k or cache.k) < cache.vocab_size):
+        raise LmdistillError(f"--divergence {args.divergence} with --teacher_cache needs --temperature 1 (found "
+                             f"{args.temperature}): the cache knows the teacher's remaining mass only at T=1.")
+    cache_tok = load_tokenizer(str(cache.tokenizer_dir()), "--teacher_cache")
+    tokenizer = load_tokenizer(args.tokenizer, "--tokenizer") if args.tokenizer else cache_tok
+    check_tokenizers(tokenizer, cache_tok)
+    student = build_student(args, args.student, tokenizer, device)
+    rows = student.get_output_embeddings().weight.shape[0]
+    if rows < cache.vocab_size:
+        raise LmdistillError(f"--student: the teacher cache's vocabulary has {cache.vocab_size} tokens but the student "
+                             f"only {rows} output rows.")
+    return tokenizer, student, cache, None if rows == cache.vocab_size else cache.vocab_size

@@ -1,0 +1,240 @@
+"""Offline teacher cache: the teacher's top-k next-token distribution at every trained position, on disk.
+
+    lmdistill cache-teacher --teacher Qwen3-4B/ --data train.jsonl --output_dir cache/ --top_k 64
+    lmdistill distill --teacher_cache cache/ --student Qwen3-0.6B/ --data train.jsonl --output_dir runs/kd
+
+The teacher runs once over the data; every later distillation run (other students, seeds, losses, epochs)
+reads the cache instead and never loads the teacher. For each trained position (labels != -100 after the
+next-token shift, in the order the data loader produces them) the cache holds the teacher's k largest
+logits at T=1 (`logits` [P, k] fp32), their token ids (`ids` [P, k] int32) and the log-normalizer over the
+whole vocabulary (`lse` [P] fp32), so both kinds of top-k teacher in the loss contract are exact:
+renormalized over the k tokens at any temperature, and the tail bucket (k tokens + the rest of the mass)
+at T=1.
+
+Layout: `cache.json` (what was cached, from what, and the shards), `tokenizer/`, `index.safetensors`
+(`offsets` [n_examples + 1] into the positions, `fingerprint` [n_examples] of each example's tokens and
+labels, so a run on other data or another `--max_seq_len` is refused) and `shard-NNNNN.safetensors` with
+the rows of consecutive examples. The folder is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from lmdistill.errors import LmdistillError
+
+FORMAT = "lmdistill-teacher-cache"
+VERSION = 1
+META_FILE, INDEX_FILE = "cache.json", "index.safetensors"
+SHARD_POSITIONS = 1 << 18  # positions per shard file (~130 MB at k = 64)
+LOGIT_CHUNK_BYTES = 128 * 2**20  # fp32 [rows, vocab] logits computed at once
+
+
+def fingerprint(example: dict) -> int:
+    """A 63-bit hash of an example's input_ids and labels (what the cache rows were computed from)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(torch.as_tensor(example["input_ids"], dtype=torch.int64).numpy().tobytes())
+    h.update(torch.as_tensor(example["labels"], dtype=torch.int64).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def trained_positions(example: dict) -> int:
+    """Positions trained after the next-token shift: labels[1:] != -100."""
+    return sum(1 for x in example["labels"][1:] if x != -100)
+
+
+@dataclass
+class TopKTeacher:
+    """Top-k teacher rows for a set of trained positions: ids [n, k] (int64), logits [n, k] and lse [n]
+    (fp32, at T=1), over a vocabulary of `vocab_size` real tokens."""
+
+    ids: Tensor
+    logits: Tensor
+    lse: Tensor
+    vocab_size: int
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[1]
+
+    def to(self, device) -> "TopKTeacher":
+        return TopKTeacher(self.ids.to(device), self.logits.to(device), self.lse.to(device), self.vocab_size)
+
+    def dense_logits(self, start: int, end: int, out: Tensor) -> Tensor:
+        """Rows [start, end) as dense logits in `out` [end - start, vocab_size]: the k logits in place and every
+        other token at the value that spreads the teacher's remaining mass evenly over them, so that the
+        log-normalizer over the vocabulary, hence the rest bucket's mass at T=1, is the teacher's own."""
+        ids, logits, lse = self.ids[start:end], self.logits[start:end].to(out.dtype), self.lse[start:end].to(out.dtype)
+        n_rest = self.vocab_size - self.k
+        if n_rest > 0:
+            kept = torch.logsumexp(logits, -1)
+            rest = lse + torch.log1p(-torch.exp(kept - lse).clamp(max=1.0))  # log of the mass outside the top-k
+            out.copy_((rest - math.log(n_rest))[:, None].expand_as(out))
+        else:
+            out.fill_(-math.inf)
+        return out.scatter_(1, ids, logits)
+
+
+class TeacherCache:
+    """A cache folder opened for reading: metadata, per-example offsets and fingerprints, rows on demand."""
+
+    def __init__(self, folder: str | Path):
+        from safetensors.torch import load_file
+
+        self.folder = Path(folder)
+        meta_path = self.folder / META_FILE
+        if not meta_path.is_file():
+            raise LmdistillError(f"--teacher_cache: expected a folder made by `lmdistill cache-teacher` (with "
+                                 f"{META_FILE}), found {'no such folder' if not self.folder.is_dir() else 'no ' + META_FILE} "
+                                 f"at '{self.folder}'.")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
+            raise LmdistillError(f"{meta_path}: expected format {FORMAT} version {VERSION}, found "
+                                 f"{self.meta.get('format')} version {self.meta.get('version')}.")
+        index = load_file(str(self.folder / INDEX_FILE))
+        self.offsets, self.fingerprints = index["offsets"], index["fingerprint"]
+        self.k, self.vocab_size = int(self.meta["top_k"]), int(self.meta["vocab_size"])
+        shards = [load_file(str(self.folder / s["file"])) for s in self.meta["shards"]]
+        cat = lambda key: torch.cat([s[key] for s in shards]) if shards else torch.empty(0)  # noqa: E731
+        self.ids, self.logits, self.lse = cat("ids"), cat("logits"), cat("lse")
+        if self.ids.shape[0] != int(self.offsets[-1]):
+            raise LmdistillError(f"{self.folder}: the shards hold {self.ids.shape[0]} positions but the index "
+                                 f"expects {int(self.offsets[-1])}; the cache is incomplete, rebuild it.")
+
+    def __len__(self) -> int:
+        return len(self.fingerprints)
+
+    def tokenizer_dir(self) -> Path:
+        return self.folder / "tokenizer"
+
+    def describe(self) -> str:
+        m = self.meta
+        return (f"data '{m['data']}' (format {m['data_format']}), --max_seq_len {m['max_seq_len']}, the tokenizer "
+                f"in {self.tokenizer_dir()}")
+
+    def check_examples(self, examples: Sequence[dict], what: str = "--data") -> None:
+        """The run's examples must be the ones the cache was built from, in the same order."""
+        if len(examples) != len(self):
+            raise LmdistillError(f"{what}: the teacher cache '{self.folder}' holds {len(self)} examples but this run "
+                                 f"has {len(examples)}. Use the data and options the cache was built with: "
+                                 f"{self.describe()}.")
+        for i, ex in enumerate(examples):
+            if fingerprint(ex) != int(self.fingerprints[i]):
+                raise LmdistillError(f"{what}: example {i} differs from the one the teacher cache '{self.folder}' was "
+                                     f"built from (other text, tokenizer or --max_seq_len). Use the data and options "
+                                     f"the cache was built with: {self.describe()}, or rebuild the cache.")
+
+    def rows(self, example_indices: Sequence[int], top_k: int | None = None) -> TopKTeacher:
+        """The cached rows of these examples' trained positions, in the order the loss sees them (example by
+        example, positions increasing); `top_k` < the cache's k keeps the largest `top_k` (exact)."""
+        parts = [torch.arange(int(self.offsets[i]), int(self.offsets[i + 1])) for i in example_indices]
+        sel = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+        ids, logits = self.ids[sel].long(), self.logits[sel]
+        if top_k is not None and top_k < self.k:
+            logits, pos = logits.topk(top_k, -1)
+            ids = ids.gather(-1, pos)
+        return TopKTeacher(ids, logits, self.lse[sel], self.vocab_size)
+
+
+# -- building ----------------------------------------------------------------------------------------------
+def _topk_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, k: int, vocab: int):
+    """Top-k logits, ids and logsumexp of hidden [n, H] @ weight[:vocab].T in fp32, a bounded chunk at a time."""
+    w = weight[:vocab]
+    b = None if bias is None else bias[:vocab].float()
+    rows = max(1, LOGIT_CHUNK_BYTES // (vocab * 4))
+    out_v, out_i, out_l = [], [], []
+    for s in range(0, hidden.shape[0], rows):
+        z = hidden[s : s + rows].float() @ w.float().t() if w.dtype != torch.float32 else hidden[s : s + rows].float() @ w.t()
+        if b is not None:
+            z += b
+        v, i = z.topk(k, -1)
+        out_v.append(v)
+        out_i.append(i.to(torch.int32))
+        out_l.append(torch.logsumexp(z, -1))
+    if not out_v:
+        return (torch.empty(0, k), torch.empty(0, k, dtype=torch.int32), torch.empty(0))
+    return torch.cat(out_v), torch.cat(out_i), torch.cat(out_l)
+
+
+def build_cache(teacher, tokenizer, examples: Sequence[dict], output_dir: str | Path, top_k: int, *,
+                meta: dict[str, Any], batch_size: int = 8, device: str | torch.device = "cpu",
+                vocab_size: int | None = None, progress: bool = True) -> Path:
+    """Run the frozen `teacher` over `examples` and write the cache folder atomically; returns its path."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from lmdistill.data import pad_batch
+    from lmdistill.eval.lm import shift_labels
+    from lmdistill.models import forward_hidden, lm_head_of
+
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()):
+        raise LmdistillError(f"--output_dir: expected a new or empty folder for the cache, found '{out}' with files "
+                             "in it; choose another folder or delete it.")
+    vocab = vocab_size or len(tokenizer)
+    if not 1 <= top_k <= vocab:
+        raise LmdistillError(f"--top_k: expected an integer in [1, {vocab}] (the vocabulary), found {top_k}.")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        head = lm_head_of(teacher)
+        offsets, prints, shards = [0], [], []
+        buf: dict[str, list[Tensor]] = {"ids": [], "logits": [], "lse": []}
+        first_example = 0
+
+        def flush(upto: int) -> None:
+            nonlocal first_example
+            if not buf["ids"]:
+                return
+            name = f"shard-{len(shards):05d}.safetensors"
+            tensors = {k: torch.cat(v).contiguous() for k, v in buf.items()}
+            save_file(tensors, str(tmp / name))
+            shards.append({"file": name, "first_example": first_example, "examples": upto - first_example,
+                           "positions": tensors["ids"].shape[0]})
+            first_example = upto
+            for v in buf.values():
+                v.clear()
+
+        bar = tqdm(total=len(examples), desc="cache-teacher", disable=not progress, unit="ex")
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                batch_ex = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
+                batch = {k: v.to(device) for k, v in pad_batch(batch_ex, tokenizer.pad_token_id).items()}
+                hidden = forward_hidden(teacher, batch["input_ids"], batch["attention_mask"]).hidden
+                mask = shift_labels(batch["labels"]) != -100
+                v, i, lse = _topk_rows(hidden[mask], head.weight, head.bias, top_k, vocab)
+                buf["logits"].append(v.cpu())
+                buf["ids"].append(i.cpu())
+                buf["lse"].append(lse.cpu())
+                for ex in batch_ex:
+                    offsets.append(offsets[-1] + trained_positions(ex))
+                    prints.append(fingerprint(ex))
+                if sum(t.shape[0] for t in buf["ids"]) >= SHARD_POSITIONS:
+                    flush(start + len(batch_ex))
+                bar.update(len(batch_ex))
+        bar.close()
+        flush(len(examples))
+        save_file({"offsets": torch.tensor(offsets, dtype=torch.int64),
+                   "fingerprint": torch.tensor(prints, dtype=torch.int64)}, str(tmp / INDEX_FILE))
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        info = {"format": FORMAT, "version": VERSION, **meta, "top_k": top_k, "vocab_size": vocab,
+                "examples": len(examples), "positions": offsets[-1], "temperature_of_lse": 1.0, "shards": shards}
+        (tmp / META_FILE).write_text(json.dumps(info, indent=2))
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
