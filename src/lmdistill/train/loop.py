@@ -11,7 +11,8 @@ so batch 1 x accumulation 8 == batch 8 x 1 and 2 ranks x batch 2 == 1 rank x bat
 
 Distillation uses the fused loss on both models' final hidden states and lm_head weights: no
 `[batch, seq, vocab]` logits exist for either model. The teacher is frozen (eval mode, no grad, not in the
-optimizer, optionally bf16) and runs under the same autocast context as the student.
+optimizer, optionally bf16) and runs under the same autocast context as the student. With `--teacher_cache`
+no teacher runs: each micro-batch reads its examples' cached top-k rows (`lmdistill.teachers`).
 """
 
 from __future__ import annotations
