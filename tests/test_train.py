@@ -250,3 +250,19 @@ def test_lr_schedule_warmup_then_cosine_to_a_tenth():
     assert [f(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == pytest.approx(1.0) and f(20) == pytest.approx(0.1)
     assert all(f(i) >= f(i + 1) for i in range(4, 20))
+
+
+def test_temperature_schedule(tiny_teacher_dir, tiny_chat, tmp_path):
+    from lmdistill.train.loop import temperature_at
+
+    assert [temperature_at(i, 5, 4.0, None) for i in range(5)] == [4.0] * 5
+    assert [temperature_at(i, 5, 4.0, 2.0) for i in range(5)] == [4.0, 3.5, 3.0, 2.5, 2.0]
+    cos = [temperature_at(i, 5, 4.0, 2.0, "cosine") for i in range(5)]
+    assert cos[0] == 4.0 and cos[-1] == pytest.approx(2.0) and cos[2] == pytest.approx(3.0)
+    assert cos[1] > 3.5 and cos[3] < 2.5  # slow at both ends
+    out = tmp_path / "run"
+    argv = _distill_argv(tiny_teacher_dir, tiny_chat, out, "--max_steps", 3, "--batch_size", 4,
+                         "--temperature_end", 1.0, "--temperature", 3.0)
+    assert main(["distill", *argv]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["temperature"] for r in rows if r["type"] == "train"] == [3.0, 2.0, 1.0]

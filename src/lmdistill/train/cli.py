@@ -71,7 +71,10 @@ def _distill(p: argparse.ArgumentParser) -> None:
       help="teacher weights dtype (default: bfloat16 under --dtype bfloat16, else float32)")
     a("--divergence", default="forward_kl", choices=sorted(list(DIVERGENCES) + list(ALIASES)))
     a("--alpha", type=float, default=0.0, help="weight of hard-label CE: alpha*CE + (1-alpha)*T^2*D")
-    a("--temperature", type=float, default=1.0)
+    a("--temperature", type=float, default=1.0, help="KD temperature (the start value with --temperature_end)")
+    a("--temperature_end", type=float, default=None,
+      help="anneal the temperature to this value at the last step (default: constant --temperature)")
+    a("--temperature_schedule", default="linear", choices=["linear", "cosine"], help="shape of the annealing")
     a("--skew_lambda", type=float, default=0.1)
     a("--jsd_beta", type=float, default=0.5)
     a("--top_k", type=int, default=None, help="truncate the teacher to its top-k tokens")

@@ -69,6 +69,17 @@ def _accelerator(args):
                        log_with=None if report == "none" else report, kwargs_handlers=kwargs)
 
 
+def temperature_at(step: int, total: int, start: float, end: float | None, schedule: str = "linear") -> float:
+    """KD temperature of optimizer step `step` (0-based) of `total`: `start` throughout when `end` is None, else
+    from `start` at the first step to `end` at the last, linearly or along a half cosine."""
+    if end is None or total <= 1:
+        return start
+    progress = min(1.0, step / (total - 1))
+    if schedule == "cosine":
+        progress = 0.5 * (1 - math.cos(math.pi * progress))
+    return start + (end - start) * progress
+
+
 class ExampleStream:
     """Example index i of the endless stream: epoch e = i // n is a permutation seeded by seed + e."""
 
@@ -134,8 +145,8 @@ class Trainer:
         targets = shift_labels(batch["labels"])
         out = forward_hidden(self.model, batch["input_ids"], batch["attention_mask"])
         w, b = _full(lm_head_of(self.model))
-        options = dict(divergence=a.divergence, temperature=a.temperature, alpha=a.alpha, skew_lambda=a.skew_lambda,
-                       jsd_beta=a.jsd_beta, top_k=a.top_k) if self.distilling else {}
+        options = dict(divergence=a.divergence, temperature=self.temperature(), alpha=a.alpha,
+                       skew_lambda=a.skew_lambda, jsd_beta=a.jsd_beta, top_k=a.top_k) if self.distilling else {}
         if self.teacher_cache is not None:
             rows = self.teacher_cache.rows(batch["example_index"], a.top_k)
             options["top_k"] = a.top_k or rows.k
@@ -150,6 +161,10 @@ class Trainer:
             out.hidden, w, teacher_hidden, wt, targets, reduction="sum", vocab_size=self.vocab,
             student_lm_head_bias=b, teacher_lm_head_bias=bt, **options)
         return parts, out.aux_loss
+
+    def temperature(self) -> float:
+        a = self.args
+        return temperature_at(self.step, self.total_steps, a.temperature, a.temperature_end, a.temperature_schedule)
 
     def accumulate(self, batches: list[dict]) -> dict:
         """Backward over the step's micro-batches; gradients = d(sum of losses)/d theta / N_trained(step)."""
@@ -172,7 +187,7 @@ class Trainer:
         n = max(n_global, 1)
         return {"loss": g[3].item() / n, "kd_loss": g[0].item() / n if self.distilling else None,
                 "ce_loss": g[1].item() / n, "aux_loss": g[2].item() / self.world, "trained_tokens": n_global,
-                "tokens": int(g[4].item())}
+                "tokens": int(g[4].item()), **({"temperature": self.temperature()} if self.distilling else {})}
 
     def _sum(self, x):
         t = torch.as_tensor(x, dtype=torch.float64, device=self.acc.device)

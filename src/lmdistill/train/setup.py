@@ -151,10 +151,12 @@ def _cached_teacher_setup(args, device):
     if args.top_k is not None and args.top_k > cache.k:
         raise LmdistillError(f"--top_k: the teacher cache '{cache.folder}' holds the top {cache.k} tokens per "
                              f"position; expected --top_k <= {cache.k}, found {args.top_k}.")
-    if (canonical_divergence(args.divergence) in NEEDS_TAIL_BUCKET and args.temperature != 1.0
+    temperatures = {args.temperature, args.temperature if args.temperature_end is None else args.temperature_end}
+    if (canonical_divergence(args.divergence) in NEEDS_TAIL_BUCKET and temperatures != {1.0}
             and (args.top_k or cache.k) < cache.vocab_size):
-        raise LmdistillError(f"--divergence {args.divergence} with --teacher_cache needs --temperature 1 (found "
-                             f"{args.temperature}): the cache knows the teacher's remaining mass only at T=1.")
+        raise LmdistillError(f"--divergence {args.divergence} with --teacher_cache needs --temperature 1 and no "
+                             f"--temperature_end (found {args.temperature} -> {args.temperature_end}): the cache "
+                             "knows the teacher's remaining mass only at T=1.")
     cache_tok = load_tokenizer(str(cache.tokenizer_dir()), "--teacher_cache")
     tokenizer = load_tokenizer(args.tokenizer, "--tokenizer") if args.tokenizer else cache_tok
     check_tokenizers(tokenizer, cache_tok)
