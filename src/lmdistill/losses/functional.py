@@ -107,9 +107,9 @@ def _project(h: Tensor, W: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
     """out [C, V] = h @ W.T + b in out's dtype; low-precision weights are upcast tile by tile.
 
     On CPU, for large weights (Qwen's lm_head), the product is taken as W_tile @ h.T per vocabulary tile of
-    CPU_TILE_BYTES (a small [tile, C] buffer, cache-resident, copied transposed into out): MKL runs that
-    shape ~25% faster than h @ W.T when C is a few hundred tokens, which is what token chunks are
-    (benchmarks/loss_engine.py). Small weights gain nothing from it and take the single matmul."""
+    CPU_TILE_BYTES written straight into the transposed view of out's columns (MKL takes the column-major
+    output as is): that operand order runs ~25% faster than h @ W.T when C is a few hundred tokens, which is
+    what token chunks are (benchmarks/loss_engine.py). Small weights gain nothing and take one matmul."""
     dt = out.dtype
     transposed = out.device.type == "cpu" and W.numel() * out.element_size() > WEIGHT_TILE_BYTES
     if W.dtype == dt and not transposed:
@@ -119,15 +119,12 @@ def _project(h: Tensor, W: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
         if transposed:
             tile = min(tile, max(1, CPU_TILE_BYTES // (out.shape[0] * out.element_size())))
         hT = h.t()
-        tmp = out.new_empty(min(tile, W.shape[0]), out.shape[0]) if transposed else None
         for s in range(0, W.shape[0], tile):
             w = W[s : s + tile] if W.dtype == dt else W[s : s + tile].to(dt)
-            if tmp is None:
-                out[:, s : s + tile] = h @ w.t()
+            if transposed:
+                torch.mm(w, hT, out=out[:, s : s + tile].t())
             else:
-                t = tmp[: w.shape[0]]
-                torch.mm(w, hT, out=t)
-                out[:, s : s + tile].copy_(t.t())
+                out[:, s : s + tile] = h @ w.t()
     if b is not None:
         out.add_(b.to(dt))
     return out
