@@ -103,7 +103,7 @@ class _LogitsKD(torch.autograd.Function):
         return full, None, None, None, None, None
 
 
-def _project(h: Tensor, W: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
+def project_logits(h: Tensor, W: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
     """out [C, V] = h @ W.T + b in out's dtype; low-precision weights are upcast tile by tile.
 
     On CPU, for large weights (Qwen's lm_head), the product is taken as W_tile @ h.T per vocabulary tile of
@@ -164,7 +164,7 @@ def _fused_chunks(hs2, Ws, bs, teacher, lab, rows, cfg, chunk, need, want_ce) ->
     for start in range(0, n, chunk):
         r = rows[start : start + chunk]
         h = hs2.index_select(0, r).to(dt)
-        zs = _project(h, Ws, bs, zs_buf[: len(r)])
+        zs = project_logits(h, Ws, bs, zs_buf[: len(r)])
         zt = None if teacher is None else teacher(start, r, zt_buf[: len(r)])
         kd_c, ce_c = loss_chunk_(zs, zt, lab[r], cfg, weight, want_ce)  # zs now holds d loss / d logits
         kd, ce = kd + kd_c, ce + ce_c
@@ -191,7 +191,7 @@ class _FusedKD(torch.autograd.Function):
         teacher = None
         if ht is not None:
             ht2, Wt, bt, dt = ht.reshape(-1, ht.shape[-1]), cut(Wt), cut(bt), compute_dtype(hs.dtype)
-            teacher = lambda start, r, out: _project(ht2.index_select(0, r).to(dt), Wt, bt, out)  # noqa: E731
+            teacher = lambda start, r, out: project_logits(ht2.index_select(0, r).to(dt), Wt, bt, out)  # noqa: E731
         elif topk is not None:
             if len(topk.ids) != len(rows):
                 raise LmdistillError(f"fused_topk_distillation_loss: the teacher has {len(topk.ids)} rows but the "

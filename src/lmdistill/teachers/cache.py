@@ -148,21 +148,21 @@ class TeacherCache:
 
 # -- building ----------------------------------------------------------------------------------------------
 def _topk_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, k: int, vocab: int):
-    """Top-k logits, ids and logsumexp of hidden [n, H] @ weight[:vocab].T in fp32, a bounded chunk at a time."""
-    w = weight[:vocab]
-    b = None if bias is None else bias[:vocab].float()
-    rows = max(1, LOGIT_CHUNK_BYTES // (vocab * 4))
-    out_v, out_i, out_l = [], [], []
+    """Top-k logits, ids and logsumexp of hidden [n, H] @ weight[:vocab].T in fp32, a bounded chunk at a time
+    (the loss engine's projection: low-precision weights are upcast tile by tile)."""
+    from lmdistill.losses.functional import project_logits
+
+    w, b = weight[:vocab], None if bias is None else bias[:vocab]
+    rows = max(1, min(hidden.shape[0], LOGIT_CHUNK_BYTES // (vocab * 4)))
+    buf = torch.empty(rows, vocab, device=hidden.device)
+    out_v, out_i, out_l = [torch.empty(0, k)], [torch.empty(0, k, dtype=torch.int32)], [torch.empty(0)]
     for s in range(0, hidden.shape[0], rows):
-        z = hidden[s : s + rows].float() @ w.float().t() if w.dtype != torch.float32 else hidden[s : s + rows].float() @ w.t()
-        if b is not None:
-            z += b
+        h = hidden[s : s + rows].float()
+        z = project_logits(h, w, b, buf[: len(h)])
         v, i = z.topk(k, -1)
-        out_v.append(v)
-        out_i.append(i.to(torch.int32))
-        out_l.append(torch.logsumexp(z, -1))
-    if not out_v:
-        return (torch.empty(0, k), torch.empty(0, k, dtype=torch.int32), torch.empty(0))
+        out_v.append(v.cpu())
+        out_i.append(i.to(torch.int32).cpu())
+        out_l.append(torch.logsumexp(z, -1).cpu())
     return torch.cat(out_v), torch.cat(out_i), torch.cat(out_l)
 
 
@@ -214,9 +214,9 @@ def build_cache(teacher, tokenizer, examples: Sequence[dict], output_dir: str | 
                 hidden = forward_hidden(teacher, batch["input_ids"], batch["attention_mask"]).hidden
                 mask = shift_labels(batch["labels"]) != -100
                 v, i, lse = _topk_rows(hidden[mask], head.weight, head.bias, top_k, vocab)
-                buf["logits"].append(v.cpu())
-                buf["ids"].append(i.cpu())
-                buf["lse"].append(lse.cpu())
+                buf["logits"].append(v)
+                buf["ids"].append(i)
+                buf["lse"].append(lse)
                 for ex in batch_ex:
                     offsets.append(offsets[-1] + trained_positions(ex))
                     prints.append(fingerprint(ex))

@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
+
+from lmdistill.errors import LmdistillError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,8 +47,6 @@ def run(args: argparse.Namespace) -> int:
                            tokenizer=tokenizer)
     rows = teacher.get_output_embeddings().weight.shape[0]
     if rows < len(tokenizer):
-        from lmdistill.errors import LmdistillError
-
         raise LmdistillError(f"--teacher: the tokenizer has {len(tokenizer)} tokens but the teacher only {rows} "
                              "output rows; the model does not belong to this tokenizer.")
     meta = {"teacher": str(args.teacher), "teacher_adapter": args.teacher_adapter, "teacher_dtype": args.teacher_dtype,
@@ -54,11 +55,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = build_cache(teacher, tokenizer, examples, args.output_dir, args.top_k, meta=meta, batch_size=args.batch_size,
                       device=device, vocab_size=len(tokenizer))
-    from lmdistill.teachers.cache import TeacherCache
-
-    cache = TeacherCache(out)
+    info = json.loads((out / "cache.json").read_text())
     mb = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 2**20
-    print(f"cached the teacher's top-{args.top_k} at {int(cache.offsets[-1])} trained positions of {len(cache)} "
+    print(f"cached the teacher's top-{args.top_k} at {info['positions']} trained positions of {info['examples']} "
           f"examples in {time.perf_counter() - t0:.1f} s: {out} ({mb:.1f} MiB)")
     print(f"next: lmdistill distill --teacher_cache {out} --student ... --data {args.data} "
           f"--max_seq_len {args.max_seq_len} --output_dir ...")
