@@ -141,3 +141,18 @@ def test_cache_mismatches_are_clean_errors(tiny_teacher_dir, tiny_chat, tmp_path
     examples[3] = {**examples[3], "input_ids": [examples[3]["input_ids"][0] + 1] + examples[3]["input_ids"][1:]}
     with pytest.raises(LmdistillError, match="example 3 differs"):
         opened.check_examples(examples)
+
+
+def test_cache_progress_is_plain_lines_off_a_terminal(tiny_teacher_dir, tiny_chat, tmp_path, capsys):
+    """Off a terminal (a log file, CI) `cache-teacher` prints a line per tenth of the examples, with counts,
+    instead of a tqdm bar whose carriage returns pile up into one line."""
+    assert _cache(tiny_teacher_dir, tiny_chat, tmp_path / "cache") == 0  # capsys: stderr is not a terminal
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "\r" not in captured.out and "it/s" not in captured.err
+    lines = [ln for ln in captured.out.splitlines() if ln.startswith("cache-teacher: ")]
+    assert 3 <= len(lines) <= 11, captured.out
+    assert lines[-1].startswith("cache-teacher: 40/40 examples (100%)")
+    positions = json.loads((tmp_path / "cache" / "cache.json").read_text())["positions"]
+    assert f"{positions:,} positions" in lines[-1]
+    done = [int(ln.split()[1].split("/")[0]) for ln in lines]
+    assert done == sorted(done) and done[0] < 40

@@ -169,13 +169,15 @@ def _topk_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, k: int, voca
 def build_cache(teacher, tokenizer, examples: Sequence[dict], output_dir: str | Path, top_k: int, *,
                 meta: dict[str, Any], batch_size: int = 8, device: str | torch.device = "cpu",
                 vocab_size: int | None = None, progress: bool = True) -> Path:
-    """Run the frozen `teacher` over `examples` and write the cache folder atomically; returns its path."""
+    """Run the frozen `teacher` over `examples` and write the cache folder atomically; returns its path.
+
+    With `progress`, a bar on a terminal and a plain line per tenth of the examples elsewhere (logs, pipes)."""
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
 
     from lmdistill.data import pad_batch
     from lmdistill.eval.lm import shift_labels
     from lmdistill.models import forward_hidden, lm_head_of
+    from lmdistill.progress import Progress
 
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
@@ -206,7 +208,7 @@ def build_cache(teacher, tokenizer, examples: Sequence[dict], output_dir: str | 
             for v in buf.values():
                 v.clear()
 
-        bar = tqdm(total=len(examples), desc="cache-teacher", disable=not progress, unit="ex")
+        bar = Progress(len(examples), "cache-teacher", "examples", enabled=progress)
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 batch_ex = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
@@ -222,7 +224,7 @@ def build_cache(teacher, tokenizer, examples: Sequence[dict], output_dir: str | 
                     prints.append(fingerprint(ex))
                 if sum(t.shape[0] for t in buf["ids"]) >= SHARD_POSITIONS:
                     flush(start + len(batch_ex))
-                bar.update(len(batch_ex))
+                bar.update(len(batch_ex), note=f"{offsets[-1]:,} positions")
         bar.close()
         flush(len(examples))
         save_file({"offsets": torch.tensor(offsets, dtype=torch.int64),
