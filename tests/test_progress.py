@@ -1,11 +1,17 @@
-"""Progress (`lmdistill.progress`): the rate is measured from the end of the first unit of work; plain lines off
-a terminal. A fake clock makes every number exact."""
+"""Progress and ETA (`lmdistill.progress`, the training loop's `MetricsLogger`): the ETA is measured from the end
+of the first step, so a slow warm-up step does not inflate it; plain lines off a terminal, a bar on one.
+A fake clock makes every number exact."""
 
 from __future__ import annotations
+
+import io
+import json
+import sys
 
 import pytest
 
 from lmdistill import progress
+from lmdistill.train.metrics import MetricsLogger
 
 
 class FakeClock:
@@ -21,6 +27,58 @@ def clock(monkeypatch):
     fake = FakeClock()
     monkeypatch.setattr(progress.time, "perf_counter", fake)
     return fake
+
+
+def _record(step: int) -> dict:
+    return {"step": step, "loss": 2.0, "kd_loss": None, "ce_loss": 2.0, "lr": 1e-3, "tokens_per_sec": 1000.0}
+
+
+def _run(logger: MetricsLogger, clock: FakeClock, steps: int, first: float = 30.0, each: float = 1.0,
+         after: int | None = None) -> None:
+    """`steps` steps after step `after` (default: where the logger starts); the first takes `first` seconds
+    (warm-up), every later one `each`."""
+    start = logger.start_step if after is None else after
+    for step in range(start + 1, start + steps + 1):
+        clock.now += first if step == start + 1 else each
+        logger.step(step, _record(step), log=True)
+
+
+def test_eta_is_not_inflated_by_a_slow_first_step(tmp_path, clock, capsys):
+    logger = MetricsLogger(tmp_path, total_steps=100, start_step=0, is_main=True)
+    assert logger.bar is None  # pytest captures stderr: not a terminal
+    _run(logger, clock, steps=11)  # 30 s, then 10 x 1 s
+    logger.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 11
+    assert lines[0].endswith("ETA --")  # one step tells nothing about the rate yet
+    assert lines[1].endswith("ETA 1.6 min")  # 98 steps left at 1 step/s
+    # 89 steps left at 1 step/s = 1.5 min (timed from the start it would say 41 s / 11 steps * 89 = 5.5 min)
+    assert lines[10].startswith("step 11/100") and lines[10].endswith("ETA 1.5 min")
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 12))  # the records themselves are unchanged
+
+
+def test_eta_after_resume_counts_from_the_first_resumed_step(tmp_path, clock, capsys):
+    logger = MetricsLogger(tmp_path, total_steps=100, start_step=60, is_main=True)
+    _run(logger, clock, steps=5, first=12.0, each=2.0)  # steps 61..65: 12 s, then 4 x 2 s
+    logger.close()
+    assert capsys.readouterr().out.splitlines()[-1].endswith("ETA 1.2 min")  # 35 steps x 2 s = 70 s
+
+
+def test_the_bar_shows_the_same_eta_on_a_terminal(tmp_path, clock, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    logger = MetricsLogger(tmp_path, total_steps=100, start_step=0, is_main=True)
+    assert logger.bar is not None
+    _run(logger, clock, steps=1)
+    assert "ETA=--" in str(logger.bar)
+    _run(logger, clock, steps=10, first=1.0, after=1)  # steps 2..11, 1 s each
+    shown = str(logger.bar)
+    logger.close()
+    assert "11/100" in shown and "ETA=1.5 min" in shown and "loss=2.0000" in shown
 
 
 def test_rate_starts_at_the_first_update(clock):

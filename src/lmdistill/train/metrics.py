@@ -1,15 +1,16 @@
 """What a run shows and records: a progress bar on a terminal (a plain line per log interval elsewhere),
 `metrics.jsonl` with one JSON object per logged step or evaluation, and optional trackers (wandb,
-tensorboard, swanlab) through accelerate."""
+tensorboard, swanlab) through accelerate.
+
+The ETA (bar and lines alike) is `lmdistill.progress.Rate`'s: steps per second since the end of the run's first
+step, so the first step's warm-up does not inflate it; the first step's own line has no ETA (`ETA --`)."""
 
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from lmdistill.progress import Rate, bar, format_eta, interactive
 
 
 class MetricsLogger:
@@ -18,11 +19,9 @@ class MetricsLogger:
     def __init__(self, output_dir: Path, total_steps: int, start_step: int, is_main: bool, accelerator=None,
                  trackers: bool = False):
         self.is_main, self.accelerator, self.trackers = is_main, accelerator, trackers
-        self.total, self.start_step, self.t0 = total_steps, start_step, time.perf_counter()
+        self.total, self.start_step, self.rate = total_steps, start_step, Rate()
         self.file = open(output_dir / "metrics.jsonl", "a", encoding="utf-8") if is_main else None
-        self.bar = None
-        if is_main and sys.stderr.isatty():
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        self.bar = bar(total_steps, "train", "step", initial=start_step) if is_main and interactive() else None
 
     def _write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -33,23 +32,22 @@ class MetricsLogger:
     def step(self, step: int, record: dict, log: bool) -> None:
         if not self.is_main:
             return
+        self.rate.update(step)
         if self.bar is not None:
+            self.bar.set_postfix(ETA=format_eta(self.rate.eta(self.total)), loss=f"{record['loss']:.4f}",
+                                 lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_sec']:.0f}", refresh=False)
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                 tok_s=f"{record['tokens_per_sec']:.0f}", refresh=False)
         if log:
             self._write({"type": "train", **record})
             if self.bar is None:
                 print(self._line(step, record), flush=True)
 
     def _line(self, step: int, r: dict) -> str:
-        done = step - self.start_step
-        eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - step)
         parts = f"loss {r['loss']:.4f}"
         if r.get("kd_loss") is not None:
             parts += f" (kd {r['kd_loss']:.4f}, ce {r['ce_loss']:.4f})"
         return (f"step {step}/{self.total}  {parts}  lr {r['lr']:.2e}  {r['tokens_per_sec']:.0f} tok/s  "
-                f"ETA {eta / 60:.1f} min")
+                f"ETA {format_eta(self.rate.eta(self.total))}")
 
     def eval(self, step: int, metrics: dict) -> None:
         if not self.is_main:
