@@ -83,13 +83,15 @@ class Preset:
     description: str = ""
 
 
+# Sizes in the descriptions are at MiniMind's 6,400-token vocabulary (the table above); a preset's vocabulary is its
+# tokenizer's, and each token adds hidden_size parameters (tied embedding).
 PRESETS: dict[str, Preset] = {
     "minimind2-small": Preset("minimind2", 512, 8, 8, 2, description="MiniMind2-Small, ~26M"),
     "minimind2": Preset("minimind2", 768, 16, 8, 2, description="MiniMind2, ~104M"),
     "minimind2-moe": Preset("minimind2", 640, 8, 8, 2, True, "MiniMind2-MoE, ~145M (4 experts top-2 + shared)"),
     "minimind3": Preset("minimind3", 768, 8, 8, 4, description="MiniMind3 (q/k norm), ~64M"),
     "minimind3-moe": Preset("minimind3", 768, 8, 8, 4, True, "MiniMind3-MoE, ~198M total / ~64M active"),
-    "micro": Preset("minimind3", 256, 4, 4, 2, description="CPU demo size, ~5M"),
+    "micro": Preset("minimind3", 256, 4, 4, 2, description="CPU demo size, ~5.0M"),
     "nano": Preset("minimind3", 128, 2, 4, 2, description="CPU test size, ~1.3M"),
 }
 
