@@ -108,3 +108,70 @@ def test_quickstart_end_to_end(tmp_path, capsys):
 def test_steps_scale_must_be_positive(tmp_path, capsys):
     assert main(["quickstart", "--steps_scale", "0", "--output_dir", str(tmp_path)]) == 1
     assert "--steps_scale" in capsys.readouterr().err
+
+
+def _fake_results(out, n: int = 120) -> dict:
+    """What the pipeline leaves for `summary`: the students' metrics.jsonl (the distilled one at alpha 0, so
+    its loss is its KD part) and the three models' results, without training anything."""
+    from lmdistill.eval import wilson_interval
+
+    for name, kd in (("student_ce", False), ("student_kd", True)):
+        (out / name).mkdir(parents=True)
+        ce = [2.0 / s + 1.0 if kd else 2.5 / s + 0.5 for s in range(1, 11)]
+        rows = [{"type": "train", "step": s, "loss": 3.0 / s if kd else ce[s - 1], "ce_loss": ce[s - 1],
+                 "kd_loss": 3.0 / s if kd else None, "lr": 1e-3, "tokens_per_sec": 1000.0} for s in range(1, 11)]
+        (out / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = {}
+    for j, (name, correct) in enumerate((("teacher", 93), ("student_ce", 23), ("student_kd", 70))):
+        samples = [{"prompt": f"question {i + 1}?", "reference": f"answer {i + 1}.", "prediction": f"guess {j}",
+                    "correct": i < correct} for i in range(n)]
+        results[name] = {"ce": 1.0 + j, "ppl": 3.0 + j, "bits_per_byte": 0.4 + j / 10, "accuracy": correct / n,
+                         "ci95": list(wilson_interval(correct, n)), "correct": correct, "questions": n,
+                         "samples": samples}
+    return results
+
+
+def test_plots_keep_one_colour_per_model_and_show_exact_match_in_percent(tmp_path):
+    from matplotlib.colors import to_hex
+    from matplotlib.container import ErrorbarContainer
+
+    from lmdistill.quickstart import summary
+
+    results = _fake_results(tmp_path)
+    figures = summary.plots(tmp_path, results)
+    assert sorted(figures) == ["heldout.png", "loss.png"] and (tmp_path / "loss.png").is_file()
+    seen: dict[str, set] = {}
+    for line in figures["loss.png"].axes[0].get_lines():
+        seen.setdefault(line.get_label().split(":")[0], set()).add(to_hex(line.get_color()))
+    for ax in figures["heldout.png"].axes:
+        for tick, bar in zip(ax.get_xticklabels(), ax.patches):
+            seen.setdefault(tick.get_text(), set()).add(to_hex(bar.get_facecolor()))
+    assert set(seen) == set(summary.LABELS.values())
+    assert all(len(c) == 1 for c in seen.values()), seen  # one colour per model across both plots
+    assert len({c for cs in seen.values() for c in cs}) == 3
+    # exact match in percent with its Wilson interval as error bars
+    acc = figures["heldout.png"].axes[2]
+    assert "exact match" in acc.get_title() and "%" in acc.get_title()
+    heights = [100 * results[n]["accuracy"] for n in summary.MODELS]
+    assert [p.get_height() for p in acc.patches] == pytest.approx(heights)
+    (errors,) = [c for c in acc.containers if isinstance(c, ErrorbarContainer)]
+    ends = [v for s in errors.lines[2][0].get_segments() for v in (s[0][1], s[1][1])]
+    assert ends == pytest.approx([100 * v for n in summary.MODELS for v in results[n]["ci95"]])
+    # the distilled student's KD part is its total here: not drawn, so not listed as a line style of its own
+    legend = next(lg for lg in figures["loss.png"].legends if lg.get_title().get_text() == "part")
+    assert [t.get_text() for t in legend.get_texts()] == ["total (= KD part)", "CE part"]
+
+
+def test_report_examples_are_drawn_at_random_with_a_seed(tmp_path):
+    from lmdistill.quickstart import summary
+
+    results = _fake_results(tmp_path)
+    shown = lambda seed: re.findall(r"\*\*Q(\d+):\*\* question (\d+)\?", summary._samples(results, seed))  # noqa: E731
+    first = shown(0)
+    assert len(first) == 3 and all(q == i for q, i in first)  # the number shown is the question's own
+    assert [int(q) for q, _ in first] != [1, 2, 3]
+    assert shown(0) == first  # deterministic for a seed
+    assert any(shown(seed) != first for seed in range(1, 4))
+    assert summary.sample_indices(120, 3, 0) == sorted(int(q) - 1 for q, _ in first)
+    text = summary._samples(results, 0)
+    assert text.count("  - student, distilled: 'guess 2'") == 3

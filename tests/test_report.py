@@ -196,3 +196,68 @@ def test_cli_defaults_output_to_first_run_dir(tmp_path, capsys):
     run = write_run(tmp_path / "solo", kd=True, evals=False)
     assert main(["report", str(run)]) == 0
     assert (run / "report.md").is_file() and (run / "loss.png").is_file()
+
+
+def _legend(fig, title: str) -> dict[str, object]:
+    """A figure legend's entries, {text: handle}, by the legend's title."""
+    legend = next(lg for lg in fig.legends if lg.get_title().get_text() == title)
+    return {t.get_text(): h for t, h in zip(legend.get_texts(), legend.legend_handles)}
+
+
+def test_loss_legend_lists_only_parts_that_are_drawn(runs):
+    from lmdistill.report.plots import loss_figure
+
+    # alpha 0, T 1: the KD part is the total's own curve, which would hide it under the solid line
+    alpha0 = {"train": [{**r, "loss": r["kd_loss"]} for r in runs["kd_run"]["train"]], "eval": [], "config": {}}
+    for case, expect_kd in (({"ce": runs["ce_run"], "kd": alpha0}, False), (runs, True)):
+        fig = loss_figure(case)
+        styles = {line.get_linestyle() for line in fig.axes[0].get_lines()}
+        parts = _legend(fig, "part")
+        for text, handle in parts.items():
+            assert handle.get_linestyle() in styles, text  # every style in the legend has a line
+        assert ("KD part" in parts) == expect_kd and (":" in styles) == expect_kd
+        assert "CE part" in parts and "--" in styles
+    assert "total (= KD part)" in _legend(loss_figure({"ce": runs["ce_run"], "kd": alpha0}), "part")
+    both = _legend(loss_figure({"kd": runs["kd_run"], "kd at alpha 0": alpha0}), "part")
+    assert list(both) == ["total (= KD part of kd at alpha 0)", "CE part", "KD part"]
+    only_ce = loss_figure({"ce": runs["ce_run"]})
+    assert [lg.get_title().get_text() for lg in only_ce.legends] == ["run"]  # no parts to name
+
+
+def test_colours_follow_labels_when_given(runs):
+    from matplotlib.colors import to_hex
+
+    from lmdistill.report.plots import bars_figure, loss_figure
+
+    colours = {"kd_run": "C2", "ce_run": "C1", "teacher": "C0"}
+    lines = loss_figure(runs, colours=colours).axes[0].get_lines()
+    assert lines
+    for line in lines:
+        assert to_hex(line.get_color()) == to_hex(colours[line.get_label().split(":")[0]]), line.get_label()
+    ax = bars_figure({"ce_run": {"ppl": 2.0}, "teacher": {"ppl": 1.0}, "kd_run": {"ppl": 3.0}}, ["ppl"],
+                     colours=colours).axes[0]
+    shown = [t.get_text() for t in ax.get_xticklabels()]
+    assert [to_hex(p.get_facecolor()) for p in ax.patches] == [to_hex(colours[m]) for m in shown]
+    # without colours: by position, as before
+    default = loss_figure(runs).axes[0].get_lines()
+    assert {to_hex(line.get_color()) for line in default if line.get_label().startswith("ce_run")} == {to_hex("C0")}
+
+
+def test_bars_show_percent_with_interval_error_bars():
+    from matplotlib.container import ErrorbarContainer
+
+    from lmdistill.report.plots import bars_figure
+
+    values = {"teacher": {"ppl": 3.1, "accuracy": 0.825}, "ce": {"ppl": 7.0, "accuracy": 0.2833}}
+    intervals = {"teacher": {"accuracy": (0.747, 0.883)}, "ce": {"accuracy": (0.210, 0.370)}}
+    fig = bars_figure(values, ["ppl", "accuracy"], intervals=intervals, percent=["accuracy"])
+    ppl, acc = fig.axes
+    assert [p.get_height() for p in acc.patches] == pytest.approx([82.5, 28.33])
+    errors = [c for c in acc.containers if isinstance(c, ErrorbarContainer)]
+    assert len(errors) == 1
+    segments = errors[0].lines[2][0].get_segments()  # one vertical segment per bar: (x, low), (x, high)
+    assert [v for s in segments for v in (s[0][1], s[1][1])] == pytest.approx([74.7, 88.3, 21.0, 37.0])
+    assert "%" in acc.get_title() and "95% CI" in acc.get_title()
+    assert {t.get_text() for t in acc.texts} == {"82.5%", "28.3%"}
+    assert not [c for c in ppl.containers if isinstance(c, ErrorbarContainer)] and "%" not in ppl.get_title()
+    assert [p.get_height() for p in ppl.patches] == pytest.approx([3.1, 7.0])

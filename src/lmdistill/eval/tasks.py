@@ -65,13 +65,15 @@ def check_task_record(messages: Sequence[dict]) -> None:
 
 def evaluate_task(model, tokenizer, records: Sequence[Messages], task: str = "exact_match", max_new_tokens: int = 64,
                   batch_size: int = 16, answer_regex: str | re.Pattern | None = None, device=None,
-                  max_prompt_tokens: int | None = None, progress: bool = True, description: str = "generating") -> dict:
+                  max_prompt_tokens: int | None = None, progress: bool = True, description: str = "generating",
+                  num_samples: int = NUM_SAMPLES) -> dict:
     """Greedy replies to every record's prompt, scored against its reference (see the module docstring).
 
     Returns `task`, `n`, `correct`, `accuracy`, `ci95_low`, `ci95_high` (Wilson), for `rouge` also `rouge_l`,
     `rouge_l_ci95_low`, `rouge_l_ci95_high`; `unfinished` (replies cut by `max_new_tokens`), `mean_new_tokens`,
     `truncated_prompts` (prompts longer than `max_prompt_tokens` keep their last tokens), `no_answer` (with
-    `answer_regex`: replies without a match) and `samples`: the first records' prompt/prediction/reference.
+    `answer_regex`: replies without a match) and `samples`: the first `num_samples` records'
+    prompt/prediction/reference.
     """
     if task not in TASKS:
         raise LmdistillError(f"task must be one of {', '.join(TASKS)}, found {task!r}.")
@@ -95,7 +97,7 @@ def evaluate_task(model, tokenizer, records: Sequence[Messages], task: str = "ex
     result = _summary(task, scored, replies, regex is not None)
     result["truncated_prompts"] = truncated
     result["samples"] = [_sample(records[k], replies[k], references[k], scored[k], regex is not None)
-                         for k in range(min(NUM_SAMPLES, len(records)))]
+                         for k in range(min(num_samples, len(records)))]
     return result
 
 

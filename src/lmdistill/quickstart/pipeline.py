@@ -199,7 +199,8 @@ def evaluate_models(out: Path, recipe: Recipe, device: str, clock: Clock) -> dic
         lm = evaluate_lm(model, examples, tokenizer, None if model is teacher else teacher, batch_size=16,
                          device=device)
         task = evaluate_task(model, tokenizer, records, task="exact_match", max_new_tokens=recipe.max_new_tokens,
-                             batch_size=32, device=device, progress=sys.stderr.isatty(), description=name)
+                             batch_size=32, device=device, progress=sys.stderr.isatty(), description=name,
+                             num_samples=len(records))  # the report draws its examples from all of them
         results[name] = {
             "ce": lm["ce"], "ppl": lm["ppl"], "bits_per_byte": lm["bits_per_byte"],
             **({"kl_to_teacher": lm["kl_to_teacher"], "agreement": lm["agreement"]} if "kl_to_teacher" in lm else {}),

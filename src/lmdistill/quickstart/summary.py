@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 from lmdistill.quickstart.pipeline import MODELS, Recipe
 
 LABELS = {"teacher": "teacher", "student_ce": "student, CE only", "student_kd": "student, distilled"}
+# One colour per model in every plot, whichever models a plot shows (by label, as the plots key them).
+COLOURS = {LABELS["teacher"]: "C0", LABELS["student_ce"]: "C1", LABELS["student_kd"]: "C2"}
 METRICS = ("ce", "ppl", "bits_per_byte", "kl_to_teacher", "agreement", "accuracy", "ci95", "correct", "questions",
            "params", "train_steps", "train_seconds")
 
@@ -53,14 +56,23 @@ def results_json(results: dict[str, dict], seconds: float) -> dict:
     return out
 
 
-def plots(out: Path, results: dict[str, dict]) -> None:
-    from lmdistill.report import plot_bars, plot_loss_curves, read_metrics
+def plots(out: Path, results: dict[str, dict]) -> dict:
+    """`loss.png` (the students' training loss) and `heldout.png` (the three models' held-out metrics, exact
+    match in percent with its 95% Wilson interval); returns the figures by file name."""
+    from lmdistill.report import read_metrics
+    from lmdistill.report.plots import bars_figure, loss_figure, save_figure
 
     runs = {LABELS[n]: read_metrics(out / n) for n in ("student_ce", "student_kd")}
-    plot_loss_curves(runs, out / "loss.png", "students' training loss (same data, steps and seed)")
-    values = {LABELS[n]: {k: results[n][k] for k in ("ppl", "bits_per_byte", "accuracy")} for n in MODELS}
-    plot_bars(values, ["ppl", "bits_per_byte", "accuracy"], out / "heldout.png",
-              "held-out documents (perplexity, bits/byte) and held-out questions (exact match)")
+    figures = {"loss.png": loss_figure(runs, "students' training loss (same data, steps and seed)", COLOURS)}
+    metrics = ["ppl", "bits_per_byte", "accuracy"]
+    values = {LABELS[n]: {k: results[n][k] for k in metrics} for n in MODELS}
+    intervals = {LABELS[n]: {"accuracy": tuple(results[n]["ci95"])} for n in MODELS}
+    figures["heldout.png"] = bars_figure(
+        values, metrics, "held-out documents (perplexity, bits/byte) and held-out questions (exact match)",
+        COLOURS, intervals, percent=["accuracy"])
+    for name, fig in figures.items():
+        save_figure(fig, out / name)
+    return figures
 
 
 def table(results: dict[str, dict]) -> str:
@@ -88,10 +100,20 @@ def verdict(results: dict[str, dict]) -> str:
             "(--steps_scale below 1) are too short for the comparison to mean anything.")
 
 
-def _samples(results: dict[str, dict], k: int = 3) -> str:
+def sample_indices(n: int, k: int, seed: int) -> list[int]:
+    """`k` of `n` questions drawn at random (fixed by `seed`), in their order: not the first ones, which the
+    generator writes person by person."""
+    return sorted(random.Random(f"samples-{seed}").sample(range(n), min(k, n)))
+
+
+def _samples(results: dict[str, dict], seed: int, k: int = 3) -> str:
+    """`k` held-out questions drawn with `seed`, each with the three models' answers (every model's samples
+    hold the same questions in the same order)."""
     lines = []
-    for i, sample in enumerate(results["teacher"]["samples"][:k]):
-        lines.append(f"- **Q:** {sample['prompt']}  **reference:** {sample['reference']}")
+    samples = results["teacher"]["samples"]
+    for i in sample_indices(len(samples), k, seed):
+        sample = samples[i]
+        lines.append(f"- **Q{i + 1}:** {sample['prompt']}  **reference:** {sample['reference']}")
         for name in MODELS:
             s = results[name]["samples"][i]
             lines.append(f"  - {LABELS[name]}: {s['prediction']!r} {'✓' if s['correct'] else '✗'}")
@@ -146,9 +168,12 @@ CE on the same training text (dashed) ends at {_last(out, 'student_kd', 'ce_loss
 
 ![held-out metrics](heldout.png)
 
-First held-out questions:
+Exact match is in percent, with its 95% Wilson interval as error bars: on {results['teacher']['questions']} questions,
+differences inside the bars can be noise. Each model keeps its colour in both plots.
 
-{_samples(results)}
+Three of the {results['teacher']['questions']} held-out questions, drawn at random (seed {seed}):
+
+{_samples(results, seed)}
 
 `results.json` holds these numbers; each run folder holds its model (a Hugging Face folder), `metrics.jsonl`
 and the options it ran with (`lmdistill_config.yaml`).

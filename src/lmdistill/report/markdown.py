@@ -18,7 +18,8 @@ EVAL_COLUMNS = {"ce": "eval CE", "ppl": "ppl", "bits_per_byte": "bits/byte", "kl
 # (header, config keys tried in order): `train` runs have `model`, `distill` runs `student` and `teacher`.
 CONFIG_COLUMNS = (("command", ("command",)), ("teacher", ("teacher",)), ("student / model", ("student", "model")),
                   ("divergence", ("divergence",)), ("alpha", ("alpha",)), ("temperature", ("temperature",)))
-PLOT_TITLES = {"loss": "Loss (solid: total, dashed: CE part, dotted: KD part)", "lr": "Learning rate",
+PLOT_TITLES = {"loss": "Loss (solid: total, dashed: CE part, dotted: KD part; a part equal to the total is not drawn)",
+               "lr": "Learning rate",
                "throughput": "Throughput", "eval": "Evaluation"}
 
 
@@ -55,11 +56,13 @@ def config_table(runs: dict[str, Metrics]) -> str:
     return _table(["run"] + [h for h, _ in CONFIG_COLUMNS], rows)
 
 
-def write_report(runs: dict[str, Metrics], out_dir: str | Path, title: str = "lmdistill report") -> Path:
-    """Write the plots and `report.md` into `out_dir`; returns the path of `report.md`."""
+def write_report(runs: dict[str, Metrics], out_dir: str | Path, title: str = "lmdistill report",
+                 colours: dict[str, str] | None = None) -> Path:
+    """Write the plots and `report.md` into `out_dir`; returns the path of `report.md`. `colours` fixes a run's
+    colour by its label (default: by position)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = plot_runs(runs, out_dir)
+    images = plot_runs(runs, out_dir, colours)
     parts = [
         f"# {title}", "",
         "## Summary", "", summary_table(runs), "",
