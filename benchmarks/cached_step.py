@@ -41,12 +41,11 @@ def argv(student: str, seq_len: int, data: Path, out: Path, teacher: list[str], 
 
 
 def worker(args_json: str) -> dict:
-    from train_args import make_args  # tests/train_args.py: options parsed as the CLI parses them
-
+    from lmdistill.cli import parse_args
     from lmdistill.train.loop import Trainer
 
     cfg = json.loads(args_json)
-    trainer = Trainer(make_args("distill", cfg["argv"]))
+    trainer = Trainer(parse_args("distill", cfg["argv"]))
     reset_peak()
     base = rss_mb()
     times, tokens = [], []
@@ -63,8 +62,7 @@ def worker(args_json: str) -> dict:
 
 def run_worker(argv_: list[str], steps: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", json.dumps({"argv": argv_, "steps": steps})]
-    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent.parent / "tests")}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"worker failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

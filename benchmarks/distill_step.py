@@ -78,20 +78,15 @@ def flops_per_token(model, seq_len: int, train: bool) -> float:
 
 
 def cli_args(teacher_dir: str, student: str, seq_len: int, steps: int, out_dir: str):
-    """`lmdistill distill` options, parsed exactly as the CLI parses them (tests/train_args.py)."""
-    from lmdistill.config import parse_command_args
-    from lmdistill.train.cli import add_arguments
+    """`lmdistill distill` options, parsed exactly as the CLI parses them."""
+    from lmdistill.cli import parse_args
 
     argv = ["--teacher", teacher_dir, "--student", student, "--data", str(DATA), "--output_dir", out_dir,
             "--max_steps", str(steps), "--batch_size", str(BATCH), "--learning_rate", str(LR),
             "--weight_decay", str(WEIGHT_DECAY), "--grad_clip", str(CLIP), "--max_seq_len", str(seq_len),
             "--divergence", "forward_kl", "--temperature", "1.0", "--alpha", "0.0", "--dtype", "float32",
             "--device", "cpu", "--seed", str(SEED)]
-    parser = argparse.ArgumentParser()
-    add_arguments(parser, "distill")
-    args = parse_command_args(parser, argv)
-    args.command = "distill"
-    return args
+    return parse_args("distill", argv)
 
 
 def load_pair(teacher_dir: str, student: str, seq_len: int):

@@ -129,7 +129,7 @@ def test_models_from_a_yaml_recipe(tmp_path, student_dir, tiny_chat):
     (["--model", "{student}", "--data", "{data}", "--batch_size", "0"], "--batch_size must be at least 1"),
     (["--model", "nano", "--data", "{data}"], "no tokenizer: --model nano has no tokenizer files"),
     (["--model", "{missing}", "--tokenizer", "{student}", "--data", "{data}"],
-     "unknown model preset, and no such folder"),
+     "no such folder, and not a preset name"),
     (["--model", "{student}", "--data", "{bad}", "--task", "exact_match"],
      r"bad\.jsonl:2: expected the conversation to end with the assistant's reference reply"),
 ])

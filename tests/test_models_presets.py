@@ -95,7 +95,7 @@ def test_bad_knobs_are_clear_errors(kwargs, message):
 
 
 def test_unknown_preset_lists_valid_names():
-    with pytest.raises(LmdistillError, match="'gpt5': unknown model preset, and no such folder. Expected a preset name .*minimind2-small.*nano"):
+    with pytest.raises(LmdistillError, match="'gpt5': no such folder, and not a preset name. Expected a local folder .* or a preset .*minimind2-small.*nano"):
         load_model("gpt5", vocab_size=10)
 
 
@@ -144,7 +144,7 @@ def test_generate_works():
 
 
 def test_folder_errors_say_what_was_expected(tmp_path):
-    with pytest.raises(LmdistillError, match="missing': unknown model preset, and no such folder"):
+    with pytest.raises(LmdistillError, match="missing': no such folder, and not a preset name"):
         load_model(tmp_path / "missing")
     with pytest.raises(LmdistillError, match="expected config.json .* found notes.txt"):
         (tmp_path / "notes.txt").write_text("hi")

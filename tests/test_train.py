@@ -107,11 +107,12 @@ def test_sigkill_then_resume_reproduces_the_straight_run(tiny_teacher_dir, tiny_
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicated steps after resume
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_zero(tiny_teacher_dir, tiny_chat, tmp_path):
+@pytest.mark.parametrize("sig,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_saves_a_checkpoint_and_exits_nonzero(sig, code, tiny_teacher_dir, tiny_chat, tmp_path):
     argv = ["distill", *_distill_argv(tiny_teacher_dir, tiny_chat, tmp_path), "--max_steps", "20", "--batch_size", "2"]
-    proc = _run(argv, {"LMDISTILL_SIGTERM_AT_STEP": "3"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "stopped by SIGTERM after step 3" in proc.stdout and "--resume" in proc.stdout
+    proc = _run(argv, {f"LMDISTILL_{sig}_AT_STEP": "3"})
+    assert proc.returncode == code, proc.stderr[-2000:]  # so `distill ... && eval ...` stops at an unfinished run
+    assert f"stopped by {sig} after step 3 of 20" in proc.stdout and "--resume" in proc.stdout
     assert (tmp_path / "checkpoint-3" / "training_state.pt").is_file()
     assert not (tmp_path / "model.safetensors").exists()  # not a finished run
 
@@ -163,7 +164,7 @@ def test_final_outputs_frozen_teacher_and_minimind_flags(tiny_teacher_dir, tiny_
     assert (out / "lmdistill_config.yaml").is_file()
 
 
-def test_rerun_without_resume_starts_a_new_log_and_restores_signal_handlers(tiny_teacher_dir, tiny_chat,
+def test_rerun_with_overwrite_starts_a_new_log_and_restores_signal_handlers(tiny_teacher_dir, tiny_chat,
                                                                             tmp_path):
     import signal
 
@@ -174,9 +175,9 @@ def test_rerun_without_resume_starts_a_new_log_and_restores_signal_handlers(tiny
 
     previous = signal.signal(signal.SIGTERM, mine)
     try:
-        for steps in (3, 2):
+        for steps, extra in ((3, []), (2, ["--overwrite"])):
             assert Trainer(make_args("distill", _distill_argv(tiny_teacher_dir, tiny_chat, out, "--max_steps",
-                                                              steps, "--batch_size", 4))).train() == 0
+                                                              steps, "--batch_size", 4, *extra))).train() == 0
             assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -197,11 +198,11 @@ def test_recipe_yaml_and_unknown_key(tiny_teacher_dir, tiny_chat, tmp_path):
 def test_missing_options_and_different_tokenizers_are_clean_errors(tiny_teacher_dir, tiny_chat, tmp_path,
                                                                    minimind_tokenizer_dir, capsys):
     assert main(["distill", "--student", "nano", "--data", str(tiny_chat), "--output_dir", str(tmp_path)]) == 1
-    assert "--teacher is required" in capsys.readouterr().err
+    assert "distill needs a teacher: --teacher DIR" in capsys.readouterr().err
     code = main(["distill", *_distill_argv(tiny_teacher_dir, tiny_chat, tmp_path), "--tokenizer",
                  str(minimind_tokenizer_dir), "--max_steps", "1"])
     assert code == 1
-    assert "differs from the teacher's" in capsys.readouterr().err
+    assert "tokenizers of --tokenizer" in capsys.readouterr().err
 
 
 def test_padded_teacher_vocabulary_is_compared_over_real_tokens(tiny_teacher_dir, tiny_chat, tmp_path):

@@ -2,13 +2,8 @@
 
 import argparse
 
-from lmdistill.config import parse_command_args
-from lmdistill.train.cli import add_arguments
+from lmdistill.cli import parse_args
 
 
 def make_args(command: str, argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser, command)
-    args = parse_command_args(parser, argv)
-    args.command = command
-    return args
+    return parse_args(command, [str(a) for a in argv])

@@ -6,13 +6,12 @@ the command being run is imported, so `lmdistill --help` is instant.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from typing import Sequence
 
 from lmdistill import __version__
-from lmdistill.config import parse_command_args
+from lmdistill.config import Parser, UsageError, closest, parse_command_args
 from lmdistill.errors import LmdistillError
 
 # command -> (module, one-line help)
@@ -23,7 +22,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lmdistill.train.cli", "train a model with cross-entropy (pretraining / SFT)"),
     "distill": ("lmdistill.train.cli", "distill a teacher into a student"),
     "cache-teacher": ("lmdistill.teachers.cli", "precompute a teacher's top-k distribution to disk"),
-    "generate": ("lmdistill.generate", "generate training data with a teacher"),
     "eval": ("lmdistill.eval.cli", "evaluate models: perplexity, bits/byte, agreement with a teacher, task accuracy"),
     "report": ("lmdistill.report", "plots and a markdown report from run directories"),
 }
@@ -48,28 +46,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"lmdistill: unknown command '{command}'. Valid commands: {', '.join(COMMANDS)}.", file=sys.stderr)
+        print(f"lmdistill: unknown command '{command}'{closest(command, list(COMMANDS))}. Valid commands: "
+              f"{', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
-    module_name, help_ = COMMANDS[command]
+    module = importlib.import_module(COMMANDS[command][0])
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            print(f"lmdistill {command}: not available in this version yet.", file=sys.stderr)
-            return 1
-        raise
-    parser = argparse.ArgumentParser(prog=f"lmdistill {command}", description=help_)
-    module.add_arguments(parser, command) if _takes_command(module) else module.add_arguments(parser)
-    try:
-        args = parse_command_args(parser, rest)
-        args.command = command
+        args = parse_args(command, rest)
+        _quiet_libraries()
         return int(module.run(args) or 0)
+    except UsageError as exc:
+        print(f"lmdistill {command}: error: {exc}", file=sys.stderr)
+        return 2
     except LmdistillError as exc:
         print(f"lmdistill {command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"lmdistill {command}: interrupted.", file=sys.stderr)
         return 130
+
+
+def build_parser(command: str) -> Parser:
+    """The option parser of one command (`lmdistill COMMAND --help` shows it)."""
+    module_name, help_ = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = Parser(prog=f"lmdistill {command}", description=help_)
+    module.add_arguments(parser, command) if _takes_command(module) else module.add_arguments(parser)
+    return parser
+
+
+def parse_args(command: str, argv: Sequence[str]):
+    """Options of `lmdistill COMMAND argv...` as the CLI parses them (recipe, types, ranges), for Python callers."""
+    args = parse_command_args(build_parser(command), argv)
+    args.command = command
+    return args
+
+
+def _quiet_libraries() -> None:
+    """transformers' own progress bars ("Loading weights", "Writing model shards") would interleave with ours."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    hf_logging.disable_progress_bar()
 
 
 def _takes_command(module) -> bool:

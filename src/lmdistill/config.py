@@ -1,19 +1,113 @@
 """Command-line and YAML configuration: `lmdistill COMMAND [--config recipe.yaml] [--flag value ...]`.
 
-Every command declares its options once, on an `argparse.ArgumentParser`. A recipe YAML may set any of
-them by its flag name (without the dashes, any alias accepted, e.g. MiniMind's `out_dir`); flags given on
-the command line override the YAML. An unknown YAML key is an error naming the file and line.
+Every command declares its options once, on a `Parser` (an `argparse.ArgumentParser` that speaks to users:
+one-line errors with the closest valid flag, every option's default in `--help`). A recipe YAML may set any
+option by its flag name (without the dashes, any alias accepted, e.g. MiniMind's `out_dir`); flags given on the
+command line override the YAML. YAML values go through the same type and range checks as flags, an unknown key
+is an error naming the file, the line and the closest valid key, and an option that is required on the command
+line may be given in the YAML instead.
+
+Range-checked types for `add_argument(type=...)`: `int_at_least(lo)`, `float_in(lo, hi, ...)`.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import yaml
 
 from lmdistill.errors import LmdistillError
+
+
+class UsageError(LmdistillError):
+    """A bad flag or flag value: the CLI prints it on one line and exits 2, as argparse does."""
+
+
+# -- range-checked option types ----------------------------------------------------------------------------
+def int_at_least(lo: int):
+    """An argparse/YAML type: an integer >= lo."""
+
+    def convert(text: Any) -> int:
+        try:
+            value = int(text) if not isinstance(text, float) or text.is_integer() else None
+        except (TypeError, ValueError):
+            value = None
+        if value is None or isinstance(text, bool) or value < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, found {text!r}")
+        return value
+
+    convert.__name__ = f"integer >= {lo}"
+    return convert
+
+
+def float_in(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    """An argparse/YAML type: a finite float in the interval [lo, hi] (either end open, or absent)."""
+    left = "" if lo is None else ("(" if lo_open else "[") + f"{lo:g}"
+    right = "" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
+    expected = (f"a number in {left}, {right}" if lo is not None and hi is not None
+                else f"a number {'>' if lo_open else '>='} {lo:g}" if lo is not None else "a number")
+
+    def convert(text: Any) -> float:
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            value = math.nan
+        ok = math.isfinite(value) and not isinstance(text, bool)
+        ok = ok and (lo is None or (value > lo if lo_open else value >= lo))
+        ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {expected}, found {text!r}")
+        return value
+
+    convert.__name__ = expected
+    return convert
+
+
+# -- the parser ---------------------------------------------------------------------------------------------
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (unless it has none worth saying, or says it already)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, argparse.SUPPRESS) or action.nargs == 0
+                or not action.option_strings):
+            return text
+        return f"{text} (default: {default})" if text else f"default: {default}"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with errors for users: one line naming the flag and the closest valid flag, no usage dump."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # a prefix silently picking another flag is worse than an error
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}. `{self.prog} --help` lists every option.")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            flag = next((a for a in extra if a.startswith("-")), extra[0])
+            name = flag.split("=", 1)[0]
+            raise UsageError(f"unknown option '{name}'{closest(name, self.option_names())}. "
+                             f"`{self.prog} --help` lists every option.")
+        return parsed
+
+    def option_names(self) -> list[str]:
+        return [o for a in self._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+
+
+def closest(name: str, valid: Sequence[str]) -> str:
+    """' (did you mean X?)' for the most similar valid name, or '' when nothing is close."""
+    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
 
 
 def _key_to_action(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -30,8 +124,26 @@ def _key_to_action(parser: argparse.ArgumentParser) -> dict[str, argparse.Action
     return table
 
 
+def _yaml_value(action: argparse.Action, key: str, value: Any, where: str) -> Any:
+    """A YAML value through the option's own type and choices, so a recipe is checked like a flag."""
+    if action.nargs == 0:  # store_true flags
+        if not isinstance(value, bool):
+            raise LmdistillError(f"{where}: '{key}' is a switch; expected true or false, found {value!r}.")
+        return value
+    if action.type is not None and value is not None:
+        convert = action.type
+        try:
+            value = [convert(v) for v in value] if isinstance(value, list) else convert(value)
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
+            raise LmdistillError(f"{where}: '{key}': {exc}.") from None
+    if action.choices is not None and value is not None and value not in action.choices:
+        raise LmdistillError(f"{where}: '{key}' must be one of {', '.join(map(str, action.choices))}; "
+                             f"found {value!r}.")
+    return value
+
+
 def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Read a recipe YAML into `{dest: value}`, checking every key against the parser's options."""
+    """Read a recipe YAML into `{dest: value}`, checking every key and value against the parser's options."""
     path = Path(path)
     if not path.is_file():
         raise LmdistillError(f"--config: expected a YAML file, found no file at '{path}'.")
@@ -54,13 +166,9 @@ def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
         action = table.get(str(key))
         where = f"{path}:{lines.get(str(key), '?')}"
         if action is None:
-            valid = ", ".join(sorted(a.dest for a in set(table.values())))
-            raise LmdistillError(f"{where}: unknown key '{key}' for this command. Valid keys: {valid}.")
-        if action.choices is not None and value not in action.choices:
-            raise LmdistillError(
-                f"{where}: '{key}' must be one of {sorted(map(str, action.choices))}, found {value!r}."
-            )
-        values[action.dest] = value
+            raise LmdistillError(f"{where}: unknown key '{key}' for this command{closest(str(key), list(table))}. "
+                                 f"Valid keys: {', '.join(sorted({a.dest for a in table.values()}))}.")
+        values[action.dest] = _yaml_value(action, str(key), value, where)
     return values
 
 
@@ -68,7 +176,24 @@ def parse_command_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
     """Parse `argv` for one command, with `--config recipe.yaml` values as defaults under the flags."""
     if not any(a.dest == "config" for a in parser._actions):
         parser.add_argument("--config", default=None, help="recipe YAML; command-line flags override it")
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        parser.set_defaults(**load_recipe(pre.config, parser))
-    return parser.parse_args(argv)
+    config = _config_path(argv)
+    if config:
+        values = load_recipe(config, parser)
+        for action in parser._actions:
+            if action.dest in values:
+                action.required = False  # given by the recipe
+        parser.set_defaults(**values)
+    return parser.parse_args(list(argv))
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+    """The value of --config in argv (read before parsing, so required options may come from the recipe)."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--config":
+            if i + 1 == len(argv):
+                raise UsageError("argument --config: expected a YAML file after --config")
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None

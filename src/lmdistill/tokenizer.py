@@ -54,18 +54,47 @@ def train_tokenizer(files: Sequence[str | Path] = (), vocab_size: int = 6400, ou
     return fast
 
 
-def load_tokenizer(path: str | Path):
-    """`AutoTokenizer.from_pretrained` on a local folder, with a user-facing error when it cannot."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def has_tokenizer(path: str | Path | None) -> bool:
+    """Whether `path` is a folder holding tokenizer files (a model folder saved with its tokenizer does)."""
+    return path is not None and Path(path).is_dir() and any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(path: str | Path, flag: str = "--tokenizer", pad_to_eos: bool = True):
+    """`AutoTokenizer.from_pretrained` on a local folder, with a user-facing error naming `flag` when it cannot.
+    A tokenizer without a pad token pads with its eos token (pads are never trained)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
-        raise LmdistillError(f"--tokenizer: expected a tokenizer folder (tokenizer.json, tokenizer_config.json), "
-                             f"found no folder at '{path}'.")
+        raise LmdistillError(f"{flag}: expected a tokenizer folder (tokenizer.json, tokenizer_config.json), "
+                             f"found {'a file' if path.exists() else 'no folder'} at '{path}'.")
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # OSError, ValueError, json errors...: all mean "not a usable tokenizer folder"
-        raise LmdistillError(f"--tokenizer: '{path}' is not a loadable HF tokenizer folder: {exc}") from None
+        raise LmdistillError(f"{flag}: '{path}' is not a loadable HF tokenizer folder: {exc}") from None
+    if pad_to_eos and tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def vocabulary_difference(a, b) -> str | None:
+    """None when two tokenizers map the same tokens to the same ids (special tokens marked alike), else a short
+    description of how they differ. Which token is eos/pad may differ (base vs instruct models share a vocabulary)."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    special = lambda t: {i: tok.special for i, tok in t.added_tokens_decoder.items()}  # noqa: E731
+    if va == vb and special(a) == special(b):
+        return None
+    if va != vb:
+        ia, ib = {i: t for t, i in va.items()}, {i: t for t, i in vb.items()}
+        differ = sorted(i for i in set(ia) | set(ib) if ia.get(i) != ib.get(i))
+        first = differ[0]
+        return (f"{len(va):,} vs {len(vb):,} tokens, {len(differ):,} ids mapped differently (e.g. id {first}: "
+                f"{ia.get(first)!r} vs {ib.get(first)!r})")
+    which = sorted(i for i in set(special(a)) | set(special(b)) if special(a).get(i) != special(b).get(i))
+    return f"the same tokens, but {len(which)} differ in being special (e.g. id {which[0]})"
 
 
 def _corpus(files: Sequence[str | Path], texts: Iterable[str] | None, data_format: str,

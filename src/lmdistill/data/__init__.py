@@ -12,7 +12,7 @@ Modules: `readers` (files -> records), `formats` (record shapes), `render` (chat
 from lmdistill.data.collate import pad_batch
 from lmdistill.data.formats import ACCEPTED_SHAPES, FORMATS, detect_format, parse_record, record_texts
 from lmdistill.data.loader import DataStats, Examples, iter_texts, load_examples
-from lmdistill.data.readers import read_records
+from lmdistill.data.readers import check_data_path, read_records
 from lmdistill.data.render import (
     CHATML_TEMPLATE,
     IGNORE_INDEX,
@@ -22,7 +22,8 @@ from lmdistill.data.render import (
 )
 
 __all__ = [
-    "ACCEPTED_SHAPES", "CHATML_TEMPLATE", "DataStats", "Examples", "FORMATS", "IGNORE_INDEX", "detect_format",
+    "ACCEPTED_SHAPES", "CHATML_TEMPLATE", "DataStats", "Examples", "FORMATS", "IGNORE_INDEX", "check_data_path",
+    "detect_format",
     "iter_texts", "load_examples", "pad_batch", "parse_record", "read_records", "record_texts",
     "render_conversation", "render_conversation_examples", "render_prompt",
 ]

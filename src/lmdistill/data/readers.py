@@ -45,6 +45,19 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield raw.location, raw.record
 
 
+def check_data_path(path: str | Path, flag: str = "--data") -> None:
+    """A clear error, before anything is read, unless `path` is a supported data file or a datasets folder."""
+    path = Path(path)
+    if path.is_dir():
+        if not any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            raise LmdistillError(f"{flag}: '{path}' is a folder, but not one written by `datasets` save_to_disk. "
+                                 f"Expected {SUPPORTED_FILES}.")
+    elif not path.is_file():
+        raise LmdistillError(f"{flag}: no such file '{path}'. Expected {SUPPORTED_FILES}.")
+    elif path.suffix not in (".jsonl", ".ndjson", ".json", ".parquet", ".txt"):
+        raise LmdistillError(f"{flag}: '{path}' has the unsupported file type '{path.suffix}'. Expected {SUPPORTED_FILES}.")
+
+
 def iter_raw_records(path: str | Path) -> Iterator[RawRecord]:
     """Yield every record of `path` as a `RawRecord`, malformed ones included (with `error` set)."""
     path = Path(path)
@@ -64,6 +77,11 @@ def iter_raw_records(path: str | Path) -> Iterator[RawRecord]:
             yield RawRecord(str(path), 1, "line", {"text": text})
     else:
         raise LmdistillError(f"{path}: unsupported file type '{path.suffix}'. Expected {SUPPORTED_FILES}.")
+
+
+def _json_error(exc) -> str:
+    """'Expecting value at column 10'; json's own messages may end in 'at' ('Unterminated string starting at')."""
+    return f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
 
 
 def _read_text(path: Path) -> str:
@@ -96,7 +114,7 @@ def _read_jsonl(path: Path) -> Iterator[RawRecord]:
             except UnicodeDecodeError as exc:
                 record, error = None, f"expected UTF-8 text, found invalid bytes at column {exc.start + 1}"
             except json.JSONDecodeError as exc:
-                record, error = None, f"invalid JSON ({exc.msg} at column {exc.colno}): {_preview(line.strip())}"
+                record, error = None, f"invalid JSON ({_json_error(exc)}): {_preview(line.strip())}"
             yield RawRecord(str(path), number, "line", record, error)
 
 
@@ -109,7 +127,7 @@ def _read_json(path: Path) -> Iterator[RawRecord]:
         if exc.msg == "Extra data":  # several JSON values: JSON lines saved as .json
             yield from _read_jsonl(path)
             return
-        raise LmdistillError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno}).") from None
+        raise LmdistillError(f"{path}:{exc.lineno}: invalid JSON ({_json_error(exc)}).") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):

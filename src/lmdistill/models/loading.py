@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -94,14 +95,14 @@ def _build_preset(name: str, tokenizer: Any, dtype: Any, device: Any, overrides:
         return AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
 
 
-def _check_folder(path: Path) -> None:
+def check_model_folder(path: Path) -> None:
     """A clear error unless `path` is a folder holding a HF model (config.json)."""
     valid = ", ".join(PRESETS)
     if not path.is_dir():
-        found = "a file" if path.exists() else "no such folder"
+        found = "a file, not a folder" if path.exists() else "no such folder"
         raise LmdistillError(
-            f"model '{path}': unknown model preset, and {found}. Expected a preset name ({valid}) or a folder "
-            "with a Hugging Face model (config.json)."
+            f"model '{path}': {found}, and not a preset name. Expected a local folder with a Hugging Face model "
+            f"(config.json) or a preset ({valid})."
         )
     if (path / "config.json").is_file():
         return
@@ -115,7 +116,7 @@ def _check_folder(path: Path) -> None:
 
 
 def _load_folder(path: Path, tokenizer: Any, dtype: Any, device: Any, extra: dict[str, Any]) -> PreTrainedModel:
-    _check_folder(path)
+    check_model_folder(path)
     given = sorted(k for k in _PRESET_ONLY if extra.get(k) is not None)
     if given:
         raise LmdistillError(
@@ -134,7 +135,8 @@ def _load_folder(path: Path, tokenizer: Any, dtype: Any, device: Any, extra: dic
     rows = model.get_input_embeddings().weight.shape[0]
     if tokenizer is not None and len(tokenizer) > rows:
         raise LmdistillError(
-            f"model '{path}' embeds {rows} tokens but the tokenizer has {len(tokenizer)}; use the model's own tokenizer."
+            f"model '{path}' embeds {rows} tokens but the tokenizer has {len(tokenizer)}: the model was not trained "
+            "with this tokenizer (models trained or compared together must share one vocabulary)."
         )
     return model
 
@@ -188,3 +190,29 @@ def load_teacher(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def check_model_ref(flag: str, value: str, presets: bool = True) -> None:
+    """`value` is a preset name (when allowed) or a folder holding a HF model; else say which it is not."""
+    if presets and value in PRESETS:
+        return
+    try:
+        check_model_folder(Path(value).expanduser())
+    except LmdistillError as exc:
+        raise LmdistillError(f"{flag}: {exc}") from None
+
+
+def check_device(device: str | None) -> None:
+    """`--device`: cpu, cuda or cuda:N, and a CUDA device must exist here."""
+    if device is None or device == "cpu":
+        return
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match is None:
+        raise LmdistillError(f"--device: expected cpu, cuda or cuda:N, found '{device}'.")
+    if not torch.cuda.is_available():
+        build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
+        raise LmdistillError(f"--device {device}: no usable CUDA GPU here ({build}; torch.cuda.is_available() is "
+                             "False). Use --device cpu, or leave --device unset to take a GPU when there is one.")
+    index, count = int(match.group(1) or 0), torch.cuda.device_count()
+    if index >= count:
+        raise LmdistillError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}.")

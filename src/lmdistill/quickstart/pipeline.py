@@ -119,14 +119,9 @@ def make_data(out: Path, recipe: Recipe, seed: int, clock: Clock) -> dict:
 # -- training ------------------------------------------------------------------------------------------
 def train_args(command: str, argv: list[str]) -> argparse.Namespace:
     """Options for `lmdistill train/distill`, parsed exactly as the CLI parses them."""
-    from lmdistill.config import parse_command_args
-    from lmdistill.train.cli import add_arguments
+    from lmdistill.cli import parse_args
 
-    parser = argparse.ArgumentParser(prog=f"lmdistill {command}")
-    add_arguments(parser, command)
-    args = parse_command_args(parser, argv)
-    args.command = command
-    return args
+    return parse_args(command, argv)
 
 
 def run_training(command: str, argv: list[str]) -> float:

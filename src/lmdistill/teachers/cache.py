@@ -85,6 +85,24 @@ class TopKTeacher:
         return out.scatter_(1, ids, logits)
 
 
+def read_meta(folder: str | Path) -> dict:
+    """A cache folder's `cache.json`, checked (cheap: the rows are not read)."""
+    folder = Path(folder)
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise LmdistillError(f"--teacher_cache: expected a folder made by `lmdistill cache-teacher` (with "
+                             f"{META_FILE}), found {'no such folder' if not folder.is_dir() else 'no ' + META_FILE} "
+                             f"at '{folder}'.")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LmdistillError(f"{meta_path}: invalid JSON ({exc}); the cache is damaged, rebuild it.") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise LmdistillError(f"{meta_path}: expected format {FORMAT} version {VERSION}, found "
+                             f"{meta.get('format')} version {meta.get('version')}.")
+    return meta
+
+
 class TeacherCache:
     """A cache folder opened for reading: metadata, per-example offsets and fingerprints, rows on demand."""
 
@@ -92,15 +110,7 @@ class TeacherCache:
         from safetensors.torch import load_file
 
         self.folder = Path(folder)
-        meta_path = self.folder / META_FILE
-        if not meta_path.is_file():
-            raise LmdistillError(f"--teacher_cache: expected a folder made by `lmdistill cache-teacher` (with "
-                                 f"{META_FILE}), found {'no such folder' if not self.folder.is_dir() else 'no ' + META_FILE} "
-                                 f"at '{self.folder}'.")
-        self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
-            raise LmdistillError(f"{meta_path}: expected format {FORMAT} version {VERSION}, found "
-                                 f"{self.meta.get('format')} version {self.meta.get('version')}.")
+        self.meta = read_meta(folder)
         index = load_file(str(self.folder / INDEX_FILE))
         self.offsets, self.fingerprints = index["offsets"], index["fingerprint"]
         self.k, self.vocab_size = int(self.meta["top_k"]), int(self.meta["vocab_size"])

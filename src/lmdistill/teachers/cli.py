@@ -14,19 +14,52 @@ from lmdistill.errors import LmdistillError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmdistill.config import int_at_least
+    from lmdistill.data.formats import FORMATS
+
     a = parser.add_argument
-    a("--teacher", required=False, help="teacher: a local HF model folder")
-    a("--teacher_adapter", default=None, help="LoRA adapter folder merged into the teacher")
-    a("--tokenizer", default=None, help="tokenizer folder (default: the teacher's)")
-    a("--data", "--data_path", dest="data", required=False, help="the data file the students will be trained on")
-    a("--data_format", default="auto", help="force a data format instead of detecting it")
-    a("--skip_bad_records", action="store_true", help="skip malformed records (counted and reported)")
-    a("--max_seq_len", type=int, default=512, help="as the distill runs that will read the cache")
-    a("--output_dir", "--out_dir", dest="output_dir", default=None, help="the cache folder to create")
-    a("--top_k", type=int, default=64, help="teacher tokens kept per position")
-    a("--batch_size", type=int, default=8)
-    a("--teacher_dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    a("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    a("--teacher", required=True, help="teacher: a local HF model folder")
+    a("--teacher_adapter", default=None, help="LoRA adapter folder merged into the teacher at load")
+    a("--tokenizer", default=None, help="tokenizer folder (default: the teacher's); must have the teacher's vocabulary")
+    a("--data", "--data_path", dest="data", required=True, help="the data file the students will be trained on")
+    a("--data_format", default="auto", choices=["auto", *FORMATS],
+      help="record shape of --data (auto: detected from the first record)")
+    a("--skip_bad_records", action="store_true", help="skip malformed records (counted and reported) instead of failing")
+    a("--max_seq_len", type=int_at_least(2), default=512, help="as the distill runs that will read the cache")
+    a("--output_dir", "--out_dir", dest="output_dir", required=True, help="the cache folder to create (new or empty)")
+    a("--top_k", type=int_at_least(1), default=64, help="teacher tokens kept per position")
+    a("--batch_size", type=int_at_least(1), default=8, help="examples per teacher forward pass")
+    a("--teacher_dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="teacher weights dtype")
+    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+
+
+def _preflight(args: argparse.Namespace):
+    """Every check that needs no model, before the teacher loads: returns the tokenizer."""
+    from pathlib import Path
+
+    from lmdistill.data import check_data_path
+    from lmdistill.models.loading import check_device, check_model_ref
+    from lmdistill.tokenizer import has_tokenizer, load_tokenizer, vocabulary_difference
+
+    check_device(args.device)
+    check_data_path(args.data, "--data")
+    check_model_ref("--teacher", args.teacher)
+    out = Path(args.output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LmdistillError(f"--output_dir: expected a new or empty folder for the cache, found '{out}' with files "
+                             "in it; choose another folder or delete it.")
+    if not has_tokenizer(args.teacher) and not args.tokenizer:
+        raise LmdistillError(f"no tokenizer: --teacher '{args.teacher}' has no tokenizer files; pass --tokenizer DIR.")
+    tokenizer = load_tokenizer(args.tokenizer or args.teacher, "--tokenizer" if args.tokenizer else "--teacher")
+    if args.tokenizer and has_tokenizer(args.teacher):
+        diff = vocabulary_difference(tokenizer, load_tokenizer(args.teacher, "--teacher"))
+        if diff is not None:
+            raise LmdistillError(f"the tokenizers of --tokenizer {args.tokenizer} and --teacher {args.teacher} "
+                                 f"disagree ({diff}): cache with the teacher's own tokenizer.")
+    if args.top_k > len(tokenizer):
+        raise LmdistillError(f"--top_k: expected at most the vocabulary size ({len(tokenizer):,} tokens), found "
+                             f"{args.top_k}.")
+    return tokenizer
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,12 +68,9 @@ def run(args: argparse.Namespace) -> int:
     from lmdistill.data import load_examples
     from lmdistill.models import load_teacher
     from lmdistill.teachers.cache import build_cache
-    from lmdistill.train.setup import _has_tokenizer, load_tokenizer, require
 
-    require(args, "teacher", "data", "output_dir")
+    tokenizer = _preflight(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tok_path = args.tokenizer or (args.teacher if _has_tokenizer(args.teacher) else None)
-    tokenizer = load_tokenizer(tok_path, "--tokenizer")
     examples = load_examples(args.data, tokenizer, args.max_seq_len, args.data_format, args.skip_bad_records)
     print(f"data: {examples.stats.summary()}")
     teacher = load_teacher(args.teacher, adapter=args.teacher_adapter, dtype=args.teacher_dtype, device=device,

@@ -13,79 +13,115 @@ from __future__ import annotations
 
 import argparse
 
+from lmdistill.config import float_in, int_at_least
+from lmdistill.data.formats import FORMATS
 from lmdistill.losses.divergences import ALIASES, DIVERGENCES
 
+POSITIVE, COUNT = int_at_least(1), int_at_least(0)
+UNIT, POSITIVE_FLOAT = float_in(0, 1), float_in(0, lo_open=True)
+DTYPES = ["float32", "bfloat16", "float16"]
+DATA_FORMATS = ["auto", *FORMATS]
 
-def _common(p: argparse.ArgumentParser) -> None:
+
+def _common(p: argparse.ArgumentParser, command: str) -> None:
     a = p.add_argument
-    a("--data", "--data_path", dest="data", required=False, help="training data file (any supported format)")
-    a("--data_format", default="auto", help="force a data format instead of detecting it")
-    a("--skip_bad_records", action="store_true", help="skip malformed records (counted and reported)")
-    a("--output_dir", "--out_dir", dest="output_dir", default=None, help="run directory (model, checkpoints, metrics)")
-    a("--tokenizer", default=None, help="tokenizer folder (distill: defaults to the teacher's)")
-    a("--max_steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
-    a("--epochs", type=float, default=1.0, help="passes over the data when --max_steps is not given")
-    a("--batch_size", type=int, default=8, help="examples per micro-batch per process")
-    a("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    a("--learning_rate", "--lr", dest="learning_rate", type=float, default=5e-4)
-    a("--weight_decay", type=float, default=0.01)
-    a("--warmup_iters", type=int, default=0, help="linear warmup steps, then cosine from lr down to lr/10")
-    a("--grad_clip", type=float, default=1.0, help="max gradient norm (0 disables clipping)")
-    a("--max_seq_len", type=int, default=512)
-    a("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    model_flag = "--student" if command == "distill" else "--model"
+    # what and where
+    a("--data", "--data_path", dest="data", required=True,
+      help="training data: .jsonl, .json, .parquet, .txt or a datasets folder, in any supported format")
+    a("--data_format", default="auto", choices=DATA_FORMATS,
+      help="record shape of --data and --eval_data (auto: detected from the first record)")
+    a("--skip_bad_records", action="store_true", help="skip malformed records (counted and reported) instead of failing")
+    a("--output_dir", "--out_dir", dest="output_dir", required=True,
+      help="run folder: the final model, checkpoint-STEP/, metrics.jsonl, lmdistill_config.yaml")
+    a("--overwrite", action="store_true",
+      help="--output_dir holds an earlier run: delete its model, checkpoints and logs first and start anew")
+    a("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+      help="continue from the newest complete checkpoint in --output_dir, or from the given checkpoint folder")
+    a("--allow_config_change", action="store_true",
+      help="with --resume: accept options that differ from the checkpoint's (e.g. a new learning rate)")
+    a("--tokenizer", default=None,
+      help=f"tokenizer folder (default: the {'teacher' if command == 'distill' else 'model'} folder's own); every "
+           "tokenizer involved must have the same vocabulary")
+    # how long
+    a("--max_steps", type=POSITIVE, default=None,
+      help="optimizer steps (a positive integer; default: derived from --epochs and the data size)")
+    a("--epochs", type=POSITIVE_FLOAT, default=1.0, help="passes over the data when --max_steps is not given")
+    a("--batch_size", type=POSITIVE, default=8, help="examples per micro-batch per process")
+    a("--accumulation_steps", type=POSITIVE, default=1, help="micro-batches per optimizer step")
+    a("--max_seq_len", type=int_at_least(2), default=512, help="examples are truncated to this many tokens")
+    # optimizer and schedule
+    a("--learning_rate", "--lr", dest="learning_rate", type=POSITIVE_FLOAT, default=5e-4,
+      help="peak AdamW learning rate")
+    a("--weight_decay", type=float_in(0), default=0.01, help="AdamW weight decay")
+    a("--warmup_iters", type=COUNT, default=0, help="linear warmup steps, then cosine from lr down to lr/10")
+    a("--grad_clip", type=float_in(0), default=1.0, help="max gradient norm (0 disables clipping)")
+    a("--seed", type=int, default=42, help="seeds the model initialization, the data order and sampling")
+    # where it runs
+    a("--dtype", default="float32", choices=DTYPES,
       help="training precision: float32, or bf16/fp16 mixed precision (autocast, fp32 master weights)")
-    a("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available; under torchrun the local GPU)")
-    a("--seed", type=int, default=42)
-    a("--log_interval", type=int, default=10)
-    a("--save_interval", type=int, default=0, help="write checkpoint-STEP/ every N steps (0: only at the end)")
-    a("--keep_checkpoints", type=int, default=2, help="keep the last K checkpoints")
-    a("--eval_data", default=None, help="held-out data for evaluation during training")
-    a("--eval_interval", type=int, default=0, help="evaluate every N steps (0: only at the end)")
-    a("--eval_batches", type=int, default=50, help="at most this many eval batches each time")
-    a("--resume", nargs="?", const="latest", default=None,
-      help="continue from the latest complete checkpoint in --output_dir, or from the given checkpoint folder")
-    a("--report_to", default="none", choices=["none", "wandb", "tensorboard", "swanlab"])
+    a("--device", default=None,
+      help="cpu, cuda or cuda:N (default: cuda when available, else cpu; under torchrun the local GPU)")
+    a("--gradient_checkpointing", action="store_true", help="recompute student activations in backward (less memory)")
+    a("--num_workers", type=COUNT, default=0, help="accepted for MiniMind compatibility (tokenized data is in memory)")
+    a("--ddp", action="store_true", help="accepted for MiniMind compatibility (torchrun/accelerate decide)")
+    # logging, checkpoints, eval
+    a("--log_interval", type=POSITIVE, default=10, help="write metrics.jsonl and a progress line every N steps")
+    a("--save_interval", type=COUNT, default=0, help="write checkpoint-STEP/ every N steps (0: only at the end)")
+    a("--keep_checkpoints", type=COUNT, default=2, help="keep the newest K checkpoints (0 keeps all)")
+    a("--eval_data", default=None, help="held-out data evaluated during training (CE, perplexity, KL to the teacher)")
+    a("--eval_interval", type=COUNT, default=0, help="evaluate every N steps (0: only at the end)")
+    a("--eval_batches", type=POSITIVE, default=50, help="at most this many eval batches each time")
+    a("--report_to", default="none", choices=["none", "wandb", "tensorboard", "swanlab"],
+      help="also log to this tracker (through accelerate)")
     a("--use_wandb", action="store_true", help="MiniMind: same as --report_to wandb")
     a("--wandb_project", default="lmdistill", help="project name for wandb / swanlab")
-    a("--num_workers", type=int, default=0, help="accepted for MiniMind compatibility (tokenized data is in memory)")
-    a("--ddp", action="store_true", help="accepted for MiniMind compatibility (torchrun/accelerate decide)")
-    a("--gradient_checkpointing", action="store_true", help="recompute student activations in backward")
-    a("--lora_r", type=int, default=0, help="train a LoRA adapter of this rank on the student (0: full training)")
-    a("--lora_alpha", type=float, default=16.0)
-    a("--lora_dropout", type=float, default=0.05)
-    a("--lora_target_modules", default=None, help="comma-separated module names (default: Qwen/Llama projections)")
-    a("--hidden_size", "--dim", dest="hidden_size", type=int, default=None, help="override a preset's width")
-    a("--num_layers", "--n_layers", dest="num_layers", type=int, default=None, help="override a preset's depth")
-    a("--use_moe", action="store_true", default=None, help="use a preset's MoE variant")
+    # the model
+    a("--lora_r", type=COUNT, default=0, help=f"train a LoRA adapter of this rank on {model_flag} (0: full training)")
+    a("--lora_alpha", type=POSITIVE_FLOAT, default=16.0, help="LoRA scaling numerator (scale = lora_alpha / lora_r)")
+    a("--lora_dropout", type=float_in(0, 1, hi_open=True), default=0.05, help="dropout on the LoRA branch")
+    a("--lora_target_modules", default=None,
+      help="comma-separated module names to adapt (default: the attention and MLP projections)")
+    a("--hidden_size", "--dim", dest="hidden_size", type=POSITIVE, default=None,
+      help=f"override a preset's width ({model_flag} presets only)")
+    a("--num_layers", "--n_layers", dest="num_layers", type=POSITIVE, default=None,
+      help=f"override a preset's depth ({model_flag} presets only)")
+    a("--use_moe", action="store_true", default=None, help=f"use a preset's MoE variant ({model_flag} presets only)")
 
 
 def _distill(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
-    a("--teacher", required=False, help="teacher: a local HF model folder (or a preset, for tests)")
-    a("--student", required=False, help="student: a preset name or a local HF model folder")
+    a("--teacher", default=None,
+      help="teacher: a local HF model folder (or a preset, for tests); required unless --teacher_cache")
+    a("--student", required=True, help="student: a preset name or a local HF model folder")
     a("--teacher_cache", default=None,
-      help="a folder made by `lmdistill cache-teacher`: the teacher's top-k at every trained position, read "
-           "instead of running a teacher")
-    a("--teacher_adapter", default=None, help="LoRA adapter folder merged into the teacher")
-    a("--teacher_dtype", default=None, choices=["float32", "bfloat16", "float16"],
+      help="a folder made by `lmdistill cache-teacher`, read instead of running a teacher")
+    a("--teacher_adapter", default=None, help="LoRA adapter folder merged into the teacher at load")
+    a("--teacher_dtype", default=None, choices=DTYPES,
       help="teacher weights dtype (default: bfloat16 under --dtype bfloat16, else float32)")
-    a("--divergence", default="forward_kl", choices=sorted(list(DIVERGENCES) + list(ALIASES)))
-    a("--alpha", type=float, default=0.0, help="weight of hard-label CE: alpha*CE + (1-alpha)*T^2*D")
-    a("--temperature", type=float, default=1.0, help="KD temperature (the start value with --temperature_end)")
-    a("--temperature_end", type=float, default=None,
+    aliases = ", ".join(f"{k}={v}" for k, v in sorted(ALIASES.items()))
+    a("--divergence", default="forward_kl", choices=sorted(list(DIVERGENCES) + list(ALIASES)), metavar="NAME",
+      help=f"D in the loss: {', '.join(DIVERGENCES)} (aliases: {aliases})")
+    a("--alpha", type=UNIT, default=0.0,
+      help="weight of hard-label CE in [0, 1]: alpha*CE + (1-alpha)*T^2*D; 0 is pure distillation")
+    a("--temperature", type=POSITIVE_FLOAT, default=1.0,
+      help="KD temperature T > 0 (the start value with --temperature_end)")
+    a("--temperature_end", type=POSITIVE_FLOAT, default=None,
       help="anneal the temperature to this value at the last step (default: constant --temperature)")
     a("--temperature_schedule", default="linear", choices=["linear", "cosine"], help="shape of the annealing")
-    a("--skew_lambda", type=float, default=0.1)
-    a("--jsd_beta", type=float, default=0.5)
-    a("--top_k", type=int, default=None, help="truncate the teacher to its top-k tokens")
+    a("--skew_lambda", type=UNIT, default=0.1, help="lambda of the skew KL divergences, in [0, 1]")
+    a("--jsd_beta", type=float_in(0, 1, lo_open=True, hi_open=True), default=0.5,
+      help="beta of the generalized JSD, in (0, 1)")
+    a("--top_k", type=POSITIVE, default=None,
+      help="keep the teacher's k largest logits per position (default: the whole vocabulary)")
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str = "train") -> None:
-    _common(parser)
     if command == "distill":
         _distill(parser)
     else:
-        parser.add_argument("--model", required=False, help="a preset name or a local HF model folder")
+        parser.add_argument("--model", required=True, help="a preset name or a local HF model folder")
+    _common(parser, command)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,7 +25,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import yaml
 
 from accelerate.utils import DistributedType
 
@@ -33,6 +32,7 @@ from lmdistill.errors import LmdistillError
 from lmdistill.eval.lm import evaluate_lm, shift_labels
 from lmdistill.losses import fused_cross_entropy_parts, fused_distillation_loss_parts, fused_topk_distillation_loss_parts
 from lmdistill.models import forward_hidden, is_moe, lm_head_of
+from lmdistill.train import preflight
 from lmdistill.train import state as ckpt
 from lmdistill.train.metrics import MetricsLogger
 from lmdistill.train.setup import build
@@ -63,6 +63,8 @@ def _accelerator(args):
 
     report = "wandb" if args.use_wandb else args.report_to
     device = args.device or ""
+    if device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
+        torch.cuda.set_device(device)  # accelerate takes the current device of a single process
     mixed = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=args.use_moe is True)]
     return Accelerator(cpu=device == "cpu" or not torch.cuda.is_available(), mixed_precision=mixed,
@@ -98,10 +100,11 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.args = args
+        self.plan = preflight.check(args)  # every check that needs no model: before anything is loaded or written
         self.acc = _accelerator(args)
         set_seed(args.seed)
         self.out = Path(args.output_dir)
-        s = build(args, self.acc.device, self.acc.is_main_process)
+        s = build(args, self.plan, self.acc.device, self.acc.is_main_process)
         self.tokenizer, self.teacher, self.examples, self.eval_examples, self.vocab = (
             s.tokenizer, s.teacher, s.examples, s.eval_examples, s.vocab_size)
         self.teacher_cache = s.teacher_cache
@@ -215,8 +218,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         return path
 
-    def resume(self, where: str) -> None:
-        folder = ckpt.find_resume_checkpoint(self.out, where)
+    def resume(self, folder: Path) -> None:
         state = torch.load(folder / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
         ckpt.load_model_weights(self.acc.unwrap_model(self.model), folder)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -230,13 +232,13 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> int:
         a = self.args
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.plan.resume_from is not None:
+            self.resume(self.plan.resume_from)
         if self.acc.is_main_process:
-            (self.out / "lmdistill_config.yaml").write_text(yaml.safe_dump(vars(a), sort_keys=False))
-        if a.resume:
-            self.resume(a.resume)
-        elif self.acc.is_main_process:
-            _truncate_metrics(self.out / "metrics.jsonl", 0)  # a fresh run into a used folder starts a new log
+            preflight.remove_outputs(self.plan.stale_outputs)  # --overwrite: the earlier run goes now, not before
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.write_config(self.out, vars(a))
+        self.acc.wait_for_everyone()
         if self.acc.is_main_process and a.report_to != "none" or a.use_wandb:
             self.acc.init_trackers(a.wandb_project, config={k: v for k, v in vars(a).items() if v is not None})
         log = MetricsLogger(self.out, self.total_steps, self.step, self.acc.is_main_process, self.acc,
@@ -265,9 +267,9 @@ class Trainer:
                 _debug_hooks(self.step)
                 if self._stop_requested():
                     path = self.save_checkpoint()
-                    log.message(f"stopped by {self.stop_signal} after step {self.step}; saved {path}. Resume with "
-                                f"the same command plus --resume.")
-                    return 0
+                    log.message(f"stopped by {self.stop_signal} after step {self.step} of {self.total_steps}; saved "
+                                f"{path}. Resume with the same command plus --resume.")
+                    return 128 + int(getattr(signal, self.stop_signal or "SIGINT"))  # 130 / 143: the run is unfinished
             self.finish()
         finally:
             log.close()
@@ -302,7 +304,7 @@ class Trainer:
             tmp.rmdir()
             if hasattr(model, "peft_config"):
                 model.save_pretrained(self.out / "adapter")
-            print(f"saved the student to {self.out}")
+            print(f"saved the {'student' if self.distilling else 'model'} to {self.out}")
         self.acc.wait_for_everyone()
 
     # -- signals -----------------------------------------------------------------------------------
@@ -330,8 +332,11 @@ def _full(head) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _debug_hooks(step: int) -> None:
-    """Test hooks: LMDISTILL_KILL_AT_STEP=k sends SIGKILL, LMDISTILL_SIGTERM_AT_STEP=k SIGTERM, after step k."""
-    for var, sig in (("LMDISTILL_KILL_AT_STEP", signal.SIGKILL), ("LMDISTILL_SIGTERM_AT_STEP", signal.SIGTERM)):
+    """Test hooks: LMDISTILL_KILL_AT_STEP=k sends SIGKILL after step k; LMDISTILL_SIGTERM_AT_STEP and
+    LMDISTILL_SIGINT_AT_STEP likewise."""
+    hooks = (("LMDISTILL_KILL_AT_STEP", signal.SIGKILL), ("LMDISTILL_SIGTERM_AT_STEP", signal.SIGTERM),
+             ("LMDISTILL_SIGINT_AT_STEP", signal.SIGINT))
+    for var, sig in hooks:
         if os.environ.get(var) == str(step):
             os.kill(os.getpid(), sig)
 

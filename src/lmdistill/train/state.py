@@ -21,6 +21,7 @@ import torch
 from lmdistill.errors import LmdistillError
 
 STATE_FILE = "training_state.pt"
+CONFIG_FILE = "lmdistill_config.yaml"  # the resolved options, at the run's root and in every checkpoint
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -67,6 +68,7 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, training_stat
     tmp.mkdir(parents=True)
     save_model_folder(model, tokenizer, tmp)
     torch.save(training_state, tmp / STATE_FILE)
+    write_config(tmp, training_state["config"])
     _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -93,8 +95,25 @@ def find_resume_checkpoint(output_dir: Path, resume: str) -> Path:
         return path
     found = list_checkpoints(output_dir)
     if not found:
-        raise LmdistillError(f"--resume: no complete checkpoint-STEP/ folder in '{output_dir}' to resume from.")
+        raise LmdistillError(f"--resume: no complete checkpoint-STEP/ folder in '{output_dir}' to resume from; "
+                             "drop --resume to start a new run.")
     return found[-1]
+
+
+def write_config(folder: Path, config: dict) -> None:
+    import yaml
+
+    (folder / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def read_config(checkpoint: Path) -> dict:
+    """The options a checkpoint was trained with (from its config file; older checkpoints: the training state)."""
+    import yaml
+
+    if (checkpoint / CONFIG_FILE).is_file():
+        return yaml.safe_load((checkpoint / CONFIG_FILE).read_text()) or {}
+    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
+    return dict(state.get("config", {}))
 
 
 def load_model_weights(model, folder: Path) -> None:

@@ -1,0 +1,246 @@
+"""Every check of `train`/`distill` options that needs no model, run before anything expensive or lasting.
+
+`check(args)` runs before the accelerator starts, before any model loads and before any data is tokenized, so a
+typo costs a second instead of a teacher load, and a failed start writes nothing. It checks each option's
+combination with the others, the files and folders named (data, models, tokenizers, caches, adapters), the device,
+that every tokenizer involved has one vocabulary, and what `--output_dir` already holds:
+
+- a folder that holds an earlier run is refused unless `--resume` (continue it) or `--overwrite` (delete the old
+  run's outputs when the new run starts; files that are not a run's are left alone);
+- `--resume` is refused when an option that changes what is trained differs from the checkpoint's
+  (`--allow_config_change` accepts it, e.g. for a new learning rate).
+
+Ranges of single options (`--batch_size 0`, `--alpha 2`) are checked by their types in `train/cli.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmdistill.errors import LmdistillError
+from lmdistill.models.loading import check_device, check_model_ref
+from lmdistill.tokenizer import has_tokenizer, load_tokenizer, vocabulary_difference
+from lmdistill.train import state as ckpt
+
+# Options that never change what is trained: free to differ on --resume.
+RUN_ONLY = frozenset({
+    "output_dir", "resume", "overwrite", "allow_config_change", "config", "command", "device", "log_interval",
+    "save_interval", "keep_checkpoints", "eval_data", "eval_interval", "eval_batches", "report_to", "use_wandb",
+    "wandb_project", "num_workers", "ddp",
+})
+PATH_OPTIONS = ("data", "model", "student", "teacher", "tokenizer", "teacher_cache", "teacher_adapter")
+# What a run writes into --output_dir (deleted by --overwrite; nothing else there is touched).
+RUN_FILES = ("metrics.jsonl", "lmdistill_config.yaml", "config.json", "generation_config.json", "model.safetensors",
+             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")
+RUN_GLOBS = ("checkpoint-*", ".checkpoint-*.tmp-*", ".final.tmp-*", "model-*-of-*.safetensors", "adapter")
+
+
+@dataclass
+class Plan:
+    """What the checks resolved: the tokenizer the run uses, the checkpoint to resume, old outputs to delete."""
+
+    tokenizer: Any
+    tokenizer_source: str  # e.g. "--teacher runs/teacher"
+    resume_from: Path | None = None
+    stale_outputs: list[Path] = field(default_factory=list)
+
+
+def check(args: argparse.Namespace) -> Plan:
+    distill = args.command == "distill"
+    if distill:
+        _check_teacher_options(args)
+    check_device(args.device)
+    _check_inputs(args, distill)
+    tokenizer, source = _check_tokenizers(args, distill)
+    _check_vocab_options(args, tokenizer, distill)
+    resume_from, stale = _check_output_dir(args)
+    return Plan(tokenizer, source, resume_from, stale)
+
+
+# -- options that go together --------------------------------------------------------------------------------
+def _check_teacher_options(args) -> None:
+    if args.teacher and args.teacher_cache:
+        raise LmdistillError("give --teacher (an online teacher) or --teacher_cache (a cache made by `lmdistill "
+                             "cache-teacher`), not both.")
+    if not args.teacher and not args.teacher_cache:
+        raise LmdistillError("distill needs a teacher: --teacher DIR (a model folder) or --teacher_cache DIR (made "
+                             "by `lmdistill cache-teacher`).")
+    if args.teacher_cache and args.teacher_adapter:
+        raise LmdistillError("--teacher_adapter: the teacher cache already holds the (adapted) teacher's outputs; "
+                             "pass the adapter to `lmdistill cache-teacher` instead.")
+    if args.temperature_end is None and args.temperature_schedule != "linear":
+        raise LmdistillError(f"--temperature_schedule {args.temperature_schedule} needs --temperature_end (the value "
+                             "to anneal to); without it the temperature is constant.")
+
+
+# -- files and folders ---------------------------------------------------------------------------------------
+def _check_inputs(args, distill: bool) -> None:
+    from lmdistill.data import check_data_path
+    from lmdistill.models import PRESETS
+
+    check_data_path(args.data, "--data")
+    if args.eval_data:
+        check_data_path(args.eval_data, "--eval_data")
+    model_flag, model = ("--student", args.student) if distill else ("--model", args.model)
+    check_model_ref(model_flag, model)
+    if distill and args.teacher:
+        check_model_ref("--teacher", args.teacher)
+    if distill and args.teacher_adapter and not (Path(args.teacher_adapter) / "adapter_config.json").is_file():
+        raise LmdistillError(f"--teacher_adapter: expected a LoRA adapter folder (adapter_config.json), found "
+                             f"{'no such folder' if not Path(args.teacher_adapter).is_dir() else 'none'} at "
+                             f"'{args.teacher_adapter}'.")
+    if distill and args.teacher_cache:
+        _cache_meta(args.teacher_cache)
+    given = [f"--{k}" for k in ("hidden_size", "num_layers", "use_moe") if getattr(args, k) is not None]
+    if given and model not in PRESETS:
+        raise LmdistillError(f"{', '.join(given)} only apply to a preset; {model_flag} '{model}' is a saved model, "
+                             "which keeps its own architecture.")
+    if args.lora_target_modules and not args.lora_r:
+        raise LmdistillError("--lora_target_modules needs --lora_r R (the LoRA rank); without it the whole model "
+                             "is trained.")
+    tracker = "wandb" if args.use_wandb else args.report_to
+    if tracker != "none":
+        import importlib.util
+
+        module = {"tensorboard": "tensorboard"}.get(tracker, tracker)
+        if importlib.util.find_spec(module) is None and not (tracker == "tensorboard"
+                                                             and importlib.util.find_spec("tensorboardX")):
+            raise LmdistillError(f"--report_to {tracker}: the '{module}' package is not installed; "
+                                 f"`pip install {module}` or leave --report_to at none.")
+
+
+def _cache_meta(folder: str) -> dict:
+    from lmdistill.teachers.cache import read_meta
+
+    return read_meta(folder)
+
+
+# -- tokenizers ----------------------------------------------------------------------------------------------
+def _check_tokenizers(args, distill: bool) -> tuple[Any, str]:
+    """The run's tokenizer (--tokenizer, else the teacher's / cache's / model's own) after checking that every
+    tokenizer involved (--tokenizer, the teacher's, the cache's, the student folder's) has its vocabulary."""
+    sources: list[tuple[str, str]] = []  # (flag + value, tokenizer folder), in order of preference
+    if args.tokenizer:
+        sources.append((f"--tokenizer {args.tokenizer}", args.tokenizer))
+    if distill and args.teacher and has_tokenizer(args.teacher):
+        sources.append((f"--teacher {args.teacher}", args.teacher))
+    if distill and args.teacher_cache:
+        sources.append((f"--teacher_cache {args.teacher_cache}", str(Path(args.teacher_cache) / "tokenizer")))
+    model_flag, model = ("--student", args.student) if distill else ("--model", args.model)
+    if has_tokenizer(model):
+        sources.append((f"{model_flag} {model}", model))
+    if not sources:
+        folders = f"--teacher '{args.teacher}' has" if distill else f"{model_flag} '{model}' is a preset and has"
+        raise LmdistillError(f"no tokenizer: {folders} no tokenizer files (tokenizer.json); pass --tokenizer DIR "
+                             "(e.g. one made by `lmdistill tokenizer`).")
+    loaded = [(name, load_tokenizer(path, name.split()[0])) for name, path in sources]
+    (first_name, first), others = loaded[0], loaded[1:]
+    for name, tok in others:
+        diff = vocabulary_difference(first, tok)
+        if diff is not None:
+            raise LmdistillError(_mismatch_message(first_name, name, diff, distill))
+    return first, first_name
+
+
+def _mismatch_message(a: str, b: str, diff: str, distill: bool) -> str:
+    what = ("token-level distillation compares the two models' distributions id by id, so the teacher, the student "
+            "and the data must share one vocabulary" if distill else "the model must be trained with its own "
+            "vocabulary")
+    fix = ("Distill into a student of the teacher's family (same tokenizer), or build the student from a preset "
+           "(e.g. --student nano), which takes the teacher's tokenizer." if distill else
+           "Drop --tokenizer to use the model folder's own tokenizer, or start from a preset.")
+    return f"the tokenizers of {a} and {b} disagree ({diff}): {what}. {fix}"
+
+
+def _check_vocab_options(args, tokenizer, distill: bool) -> None:
+    if not distill:
+        return
+    vocab = len(tokenizer)
+    if args.top_k is not None and args.top_k > vocab:
+        raise LmdistillError(f"--top_k: expected at most the vocabulary size ({vocab:,} tokens), found {args.top_k}.")
+    if args.teacher_cache:
+        from lmdistill.losses.divergences import NEEDS_TAIL_BUCKET, canonical_divergence
+
+        meta = _cache_meta(args.teacher_cache)
+        k = int(meta["top_k"])
+        if args.top_k is not None and args.top_k > k:
+            raise LmdistillError(f"--top_k: the teacher cache '{args.teacher_cache}' holds the top {k} tokens per "
+                                 f"position; expected --top_k <= {k}, found {args.top_k}.")
+        temperatures = {args.temperature, args.temperature if args.temperature_end is None else args.temperature_end}
+        if (canonical_divergence(args.divergence) in NEEDS_TAIL_BUCKET and temperatures != {1.0}
+                and (args.top_k or k) < int(meta["vocab_size"])):
+            raise LmdistillError(f"--divergence {args.divergence} with --teacher_cache needs --temperature 1 and no "
+                                 f"--temperature_end (found {args.temperature} -> {args.temperature_end}): the cache "
+                                 "knows the teacher's remaining mass only at T=1.")
+
+
+# -- the run folder ------------------------------------------------------------------------------------------
+def run_outputs(folder: Path) -> list[Path]:
+    """What an earlier run left in `folder` (checkpoints, logs, the saved model), sorted."""
+    if not folder.is_dir():
+        return []
+    found = {folder / name for name in RUN_FILES if (folder / name).exists()}
+    found.update(p for pattern in RUN_GLOBS for p in folder.glob(pattern))
+    first = ("metrics.jsonl", "checkpoint-", "model")  # what a user recognizes as a run, named first in errors
+    return sorted(found, key=lambda p: (not p.name.startswith(first), p.name))
+
+
+def _check_output_dir(args) -> tuple[Path | None, list[Path]]:
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise LmdistillError(f"--output_dir: expected a folder for the run, found a file at '{out}'.")
+    for flag in PATH_OPTIONS:
+        value = getattr(args, flag, None)
+        if value and Path(value).exists() and Path(value).resolve() == out.resolve():
+            raise LmdistillError(f"--output_dir '{out}' is also --{flag}: the run would write over its own input. "
+                                 "Choose another --output_dir.")
+    if args.resume and args.overwrite:
+        raise LmdistillError("--resume continues the run in --output_dir and --overwrite deletes it: give one.")
+    if args.resume:
+        folder = ckpt.find_resume_checkpoint(out, args.resume)
+        if not args.allow_config_change:
+            _check_same_config(args, folder)
+        return folder, []
+    old = run_outputs(out)
+    if old and not args.overwrite:
+        shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in old[:6]) + (", ..." if len(old) > 6 else "")
+        raise LmdistillError(f"--output_dir '{out}' holds an earlier run ({shown}). Pass --resume to continue it, "
+                             "--overwrite to delete it and start anew, or choose another --output_dir.")
+    return None, old
+
+
+def _check_same_config(args, folder: Path) -> None:
+    saved = ckpt.read_config(folder)
+    differ = []
+    for key, value in sorted(vars(args).items()):
+        if key in RUN_ONLY or key not in saved or _same(key, saved[key], value):
+            continue
+        differ.append(f"--{key} {saved[key]!r} -> {value!r}")
+    if differ:
+        raise LmdistillError(f"--resume: checkpoint '{folder}' was trained with other options: {'; '.join(differ)}. "
+                             "Resume with the same options, or pass --allow_config_change to continue with the new "
+                             "ones (e.g. a new learning rate).")
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    if old == new:
+        return True
+    if key in PATH_OPTIONS and old and new:
+        return Path(old).resolve() == Path(new).resolve()
+    return False
+
+
+def remove_outputs(paths: list[Path]) -> None:
+    """--overwrite: delete an earlier run's outputs (only what `run_outputs` found)."""
+    import shutil
+
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
