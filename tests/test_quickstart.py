@@ -106,8 +106,8 @@ def test_quickstart_end_to_end(tmp_path, capsys):
 
 
 def test_steps_scale_must_be_positive(tmp_path, capsys):
-    assert main(["quickstart", "--steps_scale", "0", "--output_dir", str(tmp_path)]) == 1
-    assert "--steps_scale" in capsys.readouterr().err
+    assert main(["quickstart", "--steps_scale", "0", "--output_dir", str(tmp_path)]) == 2
+    assert "argument --steps_scale: expected a number > 0" in capsys.readouterr().err
 
 
 def _fake_results(out, n: int = 120) -> dict:

@@ -26,6 +26,9 @@ TASK_COLUMNS = ("model", "n", "accuracy", "95% CI", "Rouge-L", "Rouge-L 95% CI",
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmdistill.config import int_at_least
+    from lmdistill.data.formats import FORMATS
+
     a = parser.add_argument
     a("--model", action="append", default=None, metavar="DIR",
       help="model folder (HF), or a preset name (random weights, for quick tests); repeat to compare models")
@@ -36,16 +39,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--tokenizer", default=None, help="tokenizer folder for every model (default: each model folder's own)")
     a("--output_dir", "--out_dir", dest="output_dir", default=None,
       help="write eval.json and eval.md here (default: only print the table)")
-    a("--batch_size", type=int, default=16, help="sequences per forward pass / prompts per generate call")
-    a("--max_seq_len", type=int, default=512,
+    a("--batch_size", type=int_at_least(1), default=16, help="sequences per forward pass / prompts per generate call")
+    a("--max_seq_len", type=int_at_least(2), default=512,
       help="lm: examples are truncated to this many tokens; tasks: longer prompts keep their last tokens")
-    a("--max_new_tokens", type=int, default=64, help="tasks: the longest reply generated")
+    a("--max_new_tokens", type=int_at_least(1), default=64, help="tasks: the longest reply generated")
     a("--answer_regex", default=None,
       help="tasks: compare only the last match of this regex (its first group), e.g. '####\\s*(\\S+)' for GSM8K")
-    a("--max_examples", type=int, default=None, help="evaluate only the first N examples (records for tasks)")
-    a("--data_format", default="auto", help="record shape of --data (default: detected from the first record)")
-    a("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda when available)")
-    a("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's, float32 for presets)")
+    a("--max_examples", type=int_at_least(1), default=None, help="evaluate only the first N examples (records for tasks)")
+    a("--data_format", default="auto", choices=["auto", *FORMATS],
+      help="record shape of --data (auto: detected from the first record)")
+    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    a("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+      help="weights dtype (default: the checkpoint's, float32 for presets)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,16 +87,21 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     repeated = sorted({m for m in models if models.count(m) > 1})
     if repeated:
         raise LmdistillError(f"--model {repeated[0]} is given more than once; each model is evaluated once.")
-    for flag in ("batch_size", "max_seq_len", "max_new_tokens", "max_examples"):
-        value = getattr(args, flag)
-        if value is not None and value < (2 if flag == "max_seq_len" else 1):
-            raise LmdistillError(f"--{flag} must be at least {2 if flag == 'max_seq_len' else 1}, found {value}.")
     if args.teacher and args.task != "lm":
         raise LmdistillError(f"--teacher applies to --task lm only (KL and agreement); to score the teacher on "
                              f"{args.task}, pass it as another --model.")
     if args.answer_regex is not None and args.task == "lm":
         raise LmdistillError("--answer_regex applies to --task exact_match and rouge, not lm.")
     compile_answer_regex(args.answer_regex)
+    from lmdistill.data import check_data_path
+    from lmdistill.models.loading import check_device, check_model_ref
+
+    check_device(args.device)
+    check_data_path(args.data, "--data")
+    for model in models:
+        check_model_ref("--model", model)
+    if args.teacher:
+        check_model_ref("--teacher", args.teacher)
     return models, _tokenizer_paths(args, models)
 
 

@@ -32,7 +32,9 @@ OUTPUTS = ("data", "tokenizer", "teacher", "student_ce", "student_kd", "report.m
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", default="lmdistill_quickstart", help="where everything is written")
     parser.add_argument("--seed", type=int, default=0, help="seeds the generated world, the data and the models")
-    parser.add_argument("--steps_scale", type=float, default=1.0,
+    from lmdistill.config import float_in
+
+    parser.add_argument("--steps_scale", type=float_in(0, lo_open=True), default=1.0,
                         help="multiply every step count (e.g. 2 for a longer run, 0.05 for a smoke test)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
 
@@ -40,11 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from lmdistill.errors import LmdistillError
+    from lmdistill.models.loading import check_device
     from lmdistill.quickstart import pipeline, summary
 
-    if not args.steps_scale > 0:
-        raise LmdistillError(f"--steps_scale must be positive, found {args.steps_scale}.")
+    check_device(args.device)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.output_dir)
     recipe = pipeline.Recipe().scaled(args.steps_scale)
