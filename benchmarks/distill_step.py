@@ -155,7 +155,7 @@ def run_lmdistill(pair, steps, teacher_dir, tmp, session):
     _, student, seq_len, _ = PAIRS[pair]
     trainer = Trainer(cli_args(teacher_dir, student, seq_len, steps, str(Path(tmp) / "lmdistill")))
     trainer.model.train()
-    session.ready(trainer.teacher, trainer.acc.unwrap_model(trainer.model),
+    session.ready(trainer.teacher.model, trainer.acc.unwrap_model(trainer.model),
                   [trainer.examples[trainer.stream[i]] for i in range(BATCH)])
     for step in range(steps):
         session.begin()

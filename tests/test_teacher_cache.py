@@ -121,7 +121,7 @@ def test_cache_mismatches_are_clean_errors(tiny_teacher_dir, tiny_chat, tmp_path
         (["--teacher_cache", cache, "--max_seq_len", "32"], "the cache was built with: data"),
         (["--teacher_cache", cache, "--top_k", "9"], "--top_k <= 8"),
         (["--teacher_cache", cache, "--divergence", "reverse_kl"], "needs --temperature 1"),  # T=2 in the argv
-        (["--teacher_cache", tmp_path, "--teacher", tiny_teacher_dir], "not both"),
+        (["--teacher_cache", cache, "--teacher", tiny_teacher_dir], "an ensemble needs every logit of each member"),
         (["--teacher_cache", tmp_path], "cache.json"),
     ]
     for extra, message in cases:

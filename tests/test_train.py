@@ -144,13 +144,13 @@ def test_final_outputs_frozen_teacher_and_minimind_flags(tiny_teacher_dir, tiny_
             "--eval_data", str(tiny_chat), "--eval_batches", "2"]
     args = make_args("distill", argv)
     trainer = Trainer(args)
-    teacher_before = {n: p.clone() for n, p in trainer.teacher.named_parameters()}
+    teacher_before = {n: p.clone() for n, p in trainer.teacher.model.named_parameters()}
     optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
-    assert not any(id(p) in optimized for p in trainer.teacher.parameters())
+    assert not any(id(p) in optimized for p in trainer.teacher.model.parameters())
     assert trainer.total_steps == 5  # 40 dialogs / 8 per step, one epoch
     assert trainer.train() == 0
-    assert not trainer.teacher.training and not any(p.requires_grad for p in trainer.teacher.parameters())
-    for n, p in trainer.teacher.named_parameters():
+    assert not trainer.teacher.model.training and not any(p.requires_grad for p in trainer.teacher.model.parameters())
+    for n, p in trainer.teacher.model.named_parameters():
         assert torch.equal(p, teacher_before[n])
     AutoModelForCausalLM.from_pretrained(out)
     AutoTokenizer.from_pretrained(out)
@@ -215,7 +215,7 @@ def test_padded_teacher_vocabulary_is_compared_over_real_tokens(tiny_teacher_dir
     for f in tiny_teacher_dir.glob("*token*"):
         (padded / f.name).write_bytes(f.read_bytes())
     trainer = Trainer(make_args("distill", _distill_argv(padded, tiny_chat, tmp_path / "run")))
-    assert trainer.vocab == len(trainer.tokenizer)
+    assert trainer.teacher.vocab_size == len(trainer.tokenizer)
     stats = trainer.accumulate(trainer.micro_batches(0))
     assert torch.isfinite(torch.tensor(stats["loss"]))
 

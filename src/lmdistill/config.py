@@ -67,6 +67,17 @@ def float_in(lo: float | None = None, hi: float | None = None, lo_open: bool = F
     return convert
 
 
+class Repeated(argparse.Action):
+    """A flag that may be given several times, collected in a list (`--teacher A --teacher B`). Given on the
+    command line, it replaces a recipe's list instead of adding to it; a recipe may give a list or one value."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault("_repeated_seen", set())
+        current = getattr(namespace, self.dest) if self.dest in seen else []
+        seen.add(self.dest)
+        setattr(namespace, self.dest, [*current, values])
+
+
 # -- the parser ---------------------------------------------------------------------------------------------
 class HelpFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default (unless it has none worth saying, or says it already)."""
@@ -130,6 +141,8 @@ def _yaml_value(action: argparse.Action, key: str, value: Any, where: str) -> An
         if not isinstance(value, bool):
             raise LmdistillError(f"{where}: '{key}' is a switch; expected true or false, found {value!r}.")
         return value
+    if isinstance(action, Repeated) and value is not None and not isinstance(value, list):
+        value = [value]
     if action.type is not None and value is not None:
         convert = action.type
         try:
@@ -183,7 +196,9 @@ def parse_command_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
             if action.dest in values:
                 action.required = False  # given by the recipe
         parser.set_defaults(**values)
-    return parser.parse_args(list(argv))
+    args = parser.parse_args(list(argv))
+    args.__dict__.pop("_repeated_seen", None)
+    return args
 
 
 def _config_path(argv: Sequence[str]) -> str | None:

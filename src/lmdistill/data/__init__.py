@@ -9,7 +9,7 @@ Modules: `readers` (files -> records), `formats` (record shapes), `render` (chat
 `loader` (the whole path, with counts), `collate` (padding), `cli` (`lmdistill data`).
 """
 
-from lmdistill.data.collate import pad_batch
+from lmdistill.data.collate import pad_batch, shift_labels
 from lmdistill.data.formats import ACCEPTED_SHAPES, FORMATS, detect_format, parse_record, record_texts
 from lmdistill.data.loader import DataStats, Examples, iter_texts, load_examples
 from lmdistill.data.readers import check_data_path, read_records
@@ -25,5 +25,5 @@ __all__ = [
     "ACCEPTED_SHAPES", "CHATML_TEMPLATE", "DataStats", "Examples", "FORMATS", "IGNORE_INDEX", "check_data_path",
     "detect_format",
     "iter_texts", "load_examples", "pad_batch", "parse_record", "read_records", "record_texts",
-    "render_conversation", "render_conversation_examples", "render_prompt",
+    "render_conversation", "render_conversation_examples", "render_prompt", "shift_labels",
 ]

@@ -32,3 +32,9 @@ def pad_batch(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Lo
         labels[row, :n] = torch.as_tensor(example["labels"], dtype=torch.long)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """HF-aligned labels [B, T] -> each position's next-token target [B, T] (-100 at the last position): the one
+    definition of a trained position (targets != -100) that the loss, the cache and eval share."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)

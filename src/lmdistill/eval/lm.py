@@ -17,15 +17,12 @@ from typing import Sequence
 
 import torch
 
-from lmdistill.data import pad_batch
+from lmdistill.data import pad_batch, shift_labels
 from lmdistill.models import forward_hidden, lm_head_of
 
 EVAL_CHUNK_TOKENS = 256
 
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """HF-aligned labels [B, T] -> targets for each position's next-token prediction [B, T]."""
-    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+__all__ = ["evaluate_lm", "shift_labels"]
 
 
 def _text_bytes(tokenizer, examples: Sequence[dict]) -> int:
@@ -37,25 +34,34 @@ def _text_bytes(tokenizer, examples: Sequence[dict]) -> int:
     return total
 
 
-def _chunk_stats(h, head, ys, ht=None, head_t=None, vocab=None) -> dict[str, float]:
-    logq = torch.log_softmax(head.logits(h).float()[:, :vocab], -1)
-    out = {"ce_sum": -logq.gather(-1, ys[:, None]).sum().item()}
-    if ht is not None:
-        logp = torch.log_softmax(head_t.logits(ht).float()[:, :vocab], -1)
-        out["kl_sum"] = (logp.exp() * (logp - logq)).sum().item()
-        out["agree"] = (logp.argmax(-1) == logq.argmax(-1)).sum().item()
-    return out
+def _as_teacher(teacher, vocab_size: int | None):
+    """A Teacher, or a plain frozen model wrapped as one (`lmdistill eval --teacher`, the quickstart)."""
+    from lmdistill.teachers import OnlineTeacher, Teacher
+
+    return teacher if teacher is None or isinstance(teacher, Teacher) else OnlineTeacher(teacher, vocab_size)
+
+
+def _teacher_stats(logq: torch.Tensor, scores, start: int, rows: torch.Tensor, vocab: int, suffix: str) -> dict:
+    """Forward KL(teacher || model) at T=1 and top-1 agreement on one chunk, for one teacher's scores."""
+    z = scores.block(start, rows, torch.empty(len(rows), vocab, device=logq.device))
+    logp = torch.log_softmax(z, -1)
+    kl = torch.where(logp > -torch.inf, logp.exp() * (logp - logq), 0.0).sum()
+    return {f"kl_sum{suffix}": kl.item(), f"agree{suffix}": (logp.argmax(-1) == logq.argmax(-1)).sum().item()}
 
 
 @torch.no_grad()
 def evaluate_lm(model, examples: Sequence[dict], tokenizer, teacher=None, batch_size: int = 8,
                 max_batches: int | None = None, device=None, vocab_size: int | None = None) -> dict:
-    """Metrics of `model` (and agreement with `teacher`) over `examples` (`input_ids`/`labels` dicts)."""
+    """Metrics of `model` over `examples` (`input_ids`/`labels` dicts), and its KL to and agreement with
+    `teacher` (a `lmdistill.teachers.Teacher` or a frozen model) and, for an ensemble, with each member
+    (`kl_to_teacher_1`, `agreement_1`, ... in the order the teachers were given)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    head, head_t = lm_head_of(model), (lm_head_of(teacher) if teacher is not None else None)
-    sums = {"ce_sum": 0.0, "kl_sum": 0.0, "agree": 0.0}
+    head, teacher = lm_head_of(model), _as_teacher(teacher, vocab_size)
+    vocab = teacher.vocab_size if teacher is not None else vocab_size or head.weight.shape[0]
+    members = teacher.members() if teacher is not None and len(teacher.members()) > 1 else []
+    sums: dict[str, float] = {}
     n_tokens, used = 0, []
     for b, start in enumerate(range(0, len(examples), batch_size)):
         if max_batches is not None and b >= max_batches:
@@ -64,23 +70,25 @@ def evaluate_lm(model, examples: Sequence[dict], tokenizer, teacher=None, batch_
         used.extend(batch_ex)
         batch = {k: v.to(device) for k, v in pad_batch(batch_ex, tokenizer.pad_token_id).items()}
         ys = shift_labels(batch["labels"]).reshape(-1)
-        rows = ys != -100
-        h = forward_hidden(model, batch["input_ids"], batch["attention_mask"]).hidden.reshape(-1, head.weight.shape[1])[rows]
-        ht = None
-        if teacher is not None:
-            ht = forward_hidden(teacher, batch["input_ids"], batch["attention_mask"]).hidden
-            ht = ht.reshape(-1, ht.shape[-1])[rows]
-        ys = ys[rows]
-        for s in range(0, len(ys), EVAL_CHUNK_TOKENS):
-            c = slice(s, s + EVAL_CHUNK_TOKENS)
-            for k, v in _chunk_stats(h[c], head, ys[c], None if ht is None else ht[c], head_t, vocab_size).items():
-                sums[k] += v
-        n_tokens += len(ys)
+        positions = (ys != -100).nonzero().squeeze(1)
+        h = forward_hidden(model, batch["input_ids"], batch["attention_mask"]).hidden.reshape(-1, head.weight.shape[1])
+        scores = [] if teacher is None else [("", teacher.score(batch))]
+        scores += [(f"_{i + 1}", m.score(batch)) for i, m in enumerate(members)]
+        for s in range(0, len(positions), EVAL_CHUNK_TOKENS):
+            rows = positions[s : s + EVAL_CHUNK_TOKENS]
+            logq = torch.log_softmax(head.logits(h.index_select(0, rows)).float()[:, :vocab], -1)
+            stats = {"ce_sum": -logq.gather(-1, ys[rows][:, None]).sum().item()}
+            for suffix, sc in scores:
+                stats.update(_teacher_stats(logq, sc, s, rows, vocab, suffix))
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+        n_tokens += len(positions)
     model.train(was_training)
     n = max(n_tokens, 1)
-    result = {"ce": sums["ce_sum"] / n, "ppl": math.exp(min(sums["ce_sum"] / n, 700.0)), "tokens": n_tokens}
-    result["bits_per_byte"] = sums["ce_sum"] / math.log(2) / max(_text_bytes(tokenizer, used), 1)
-    if teacher is not None:
-        result["kl_to_teacher"] = sums["kl_sum"] / n
-        result["agreement"] = sums["agree"] / n
+    ce = sums.get("ce_sum", 0.0)
+    result = {"ce": ce / n, "ppl": math.exp(min(ce / n, 700.0)), "tokens": n_tokens}
+    result["bits_per_byte"] = ce / math.log(2) / max(_text_bytes(tokenizer, used), 1)
+    for suffix in ([""] if teacher is not None else []) + [f"_{i + 1}" for i in range(len(members))]:
+        result[f"kl_to_teacher{suffix}"] = sums.get(f"kl_sum{suffix}", 0.0) / n
+        result[f"agreement{suffix}"] = sums.get(f"agree{suffix}", 0.0) / n
     return result

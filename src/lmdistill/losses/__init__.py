@@ -15,11 +15,14 @@ from lmdistill.losses.functional import (
     fused_distillation_loss,
     fused_cross_entropy_parts,
     fused_distillation_loss_parts,
+    fused_teacher_distillation_loss_parts,
     fused_topk_distillation_loss_parts,
 )
+from lmdistill.losses.scores import ProjectedScores, TeacherScores
 
 __all__ = [
     "ALIASES", "DIVERGENCES", "KDConfig", "LossParts", "auto_chunk_size", "canonical_divergence",
     "distillation_loss", "distillation_loss_parts", "fused_cross_entropy_parts", "fused_distillation_loss",
-    "fused_distillation_loss_parts", "fused_topk_distillation_loss_parts",
+    "fused_distillation_loss_parts", "fused_teacher_distillation_loss_parts", "fused_topk_distillation_loss_parts",
+    "ProjectedScores", "TeacherScores",
 ]

@@ -22,6 +22,7 @@ from torch import Tensor
 from lmdistill.errors import LmdistillError
 from lmdistill.losses.divergences import NEEDS_TAIL_BUCKET
 from lmdistill.losses.engine import KDConfig, check_labels, compute_dtype, loss_chunk_
+from lmdistill.losses.scores import ProjectedScores, TeacherScores
 
 # Default memory for the two fp32 [chunk, vocab] logit buffers of the fused loss when chunk_size=None:
 # up to 258 tokens at Qwen's 151,936-token vocabulary, where the matmuls are near full speed on CPU.
@@ -181,22 +182,17 @@ def _fused_chunks(hs2, Ws, bs, teacher, lab, rows, cfg, chunk, need, want_ce) ->
 
 class _FusedKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hs, Ws, bs, ht, Wt, bt, labels, cfg: KDConfig, chunk: int | None, V: int, parts: LossParts,
-                topk=None):
+    def forward(ctx, hs, Ws, bs, labels, cfg: KDConfig, chunk: int | None, V: int, parts: LossParts,
+                scores: TeacherScores | None):
         hs2, lab = hs.reshape(-1, hs.shape[-1]), labels.reshape(-1)
         rows = _trained_rows(labels, cfg.ignore_index)
         want_ce = check_labels(lab[rows], V, cfg)
         chunk = chunk or auto_chunk_size(V, len(rows), hs.dtype)
         cut = lambda x: None if x is None else x[:V]  # noqa: E731  (padded vocabulary rows)
-        teacher = None
-        if ht is not None:
-            ht2, Wt, bt, dt = ht.reshape(-1, ht.shape[-1]), cut(Wt), cut(bt), compute_dtype(hs.dtype)
-            teacher = lambda start, r, out: project_logits(ht2.index_select(0, r).to(dt), Wt, bt, out)  # noqa: E731
-        elif topk is not None:
-            if len(topk.ids) != len(rows):
-                raise LmdistillError(f"fused_topk_distillation_loss: the teacher has {len(topk.ids)} rows but the "
-                                     f"labels mark {len(rows)} trained positions; expected one row per position.")
-            teacher = lambda start, r, out: topk.dense_logits(start, start + len(r), out)  # noqa: E731
+        teacher = None if scores is None else scores.block
+        if scores is not None and scores.n_rows is not None and scores.n_rows != len(rows):
+            raise LmdistillError(f"fused_teacher_distillation_loss: the teacher has {scores.n_rows} rows but the "
+                                 f"labels mark {len(rows)} trained positions; expected one row per position.")
         with torch.autocast(hs.device.type, enabled=False):  # chunk arithmetic is fp32 even under AMP
             kd, ce, weight, dh, dW, db = _fused_chunks(hs2, cut(Ws), cut(bs), teacher, lab, rows, cfg, chunk,
                                                        ctx.needs_input_grad[:3], want_ce)
@@ -222,7 +218,7 @@ class _FusedKD(torch.autograd.Function):
         # A detached handle (same storage) lets autograd adopt the gradient as .grad instead of copying it,
         # which for the lm_head weight saves a [V, H] fp32 copy; the saved tensors are freed after backward.
         grads = [None if x is None else (x.detach() if scale == 1.0 else x * scale) for x in grads]
-        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None
 
 
 def _check_shapes(what: str, a: Tensor, b: Tensor, labels: Tensor, dims: tuple[str, str]) -> None:
@@ -263,47 +259,58 @@ def fused_distillation_loss_parts(student_hidden: Tensor, student_lm_head_weight
     V = _check_vocab(Ws.shape[0], Wt.shape[0], vocab_size, "fused_distillation_loss")
     if chunk_size is not None and chunk_size < 1:
         raise LmdistillError(f"chunk_size: expected None or an integer >= 1, found {chunk_size}.")
-    bt = None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach()
+    scores = ProjectedScores(teacher_hidden, Wt, teacher_lm_head_bias, V)
     parts = LossParts()
-    parts.loss = _FusedKD.apply(student_hidden, Ws, student_lm_head_bias, teacher_hidden.detach(), Wt, bt, labels,
-                                cfg, chunk_size, V, parts)
+    parts.loss = _FusedKD.apply(student_hidden, Ws, student_lm_head_bias, labels, cfg, chunk_size, V, parts, scores)
     return parts
 
 
-def fused_topk_distillation_loss_parts(student_hidden: Tensor, student_lm_head_weight: Tensor, teacher, labels: Tensor,
-                                       *, chunk_size: int | None = None, student_lm_head_bias: Tensor | None = None,
-                                       **options) -> LossParts:
-    """The fused loss against a top-k teacher given as rows (`lmdistill.teachers.TopKTeacher`: ids, T=1 logits
-    and log-normalizer of the teacher at each trained position, in the order of `labels != ignore_index`).
+def fused_teacher_distillation_loss_parts(student_hidden: Tensor, student_lm_head_weight: Tensor,
+                                         teacher: TeacherScores, labels: Tensor, *, chunk_size: int | None = None,
+                                         student_lm_head_bias: Tensor | None = None, **options) -> LossParts:
+    """The fused loss against any teacher's scores (`lmdistill.losses.scores.TeacherScores`: an online model's
+    hidden states, top-k rows of a cache, an ensemble), one row per trained position of `labels`.
 
-    Equals `fused_distillation_loss` with the online teacher and `top_k=k` (default: the rows' k; a smaller
-    `top_k` keeps the largest of them): renormalized over the k tokens at any temperature; divergences with
-    a tail bucket (reverse KL) take the rest of the teacher's mass from the log-normalizer, known at T=1."""
-    options.setdefault("top_k", teacher.k)
+    A teacher exact only over a top-k (`teacher.k`, a cache) sets `top_k` to k by default and refuses a larger
+    one: the loss then equals the online teacher's with the same `top_k` (renormalized over the k tokens at any
+    temperature; divergences with a tail bucket take the teacher's remaining mass from its log-normalizer,
+    known at T=1 only)."""
+    k = teacher.k if teacher.k is not None and teacher.k < teacher.vocab_size else None
+    if k is not None:
+        options.setdefault("top_k", k)
     cfg = KDConfig(**options)
-    if cfg.top_k is None or cfg.top_k > teacher.k:
-        raise LmdistillError(f"top_k: the teacher rows hold the top {teacher.k} tokens; expected top_k <= {teacher.k}, "
-                             f"found {cfg.top_k}.")
-    if cfg.divergence in NEEDS_TAIL_BUCKET and cfg.temperature != 1.0 and cfg.top_k < teacher.vocab_size:
+    if k is not None and (cfg.top_k is None or cfg.top_k > k):
+        raise LmdistillError(f"top_k: the teacher rows hold the top {k} tokens; expected top_k <= {k}, found "
+                             f"{cfg.top_k}.")
+    if k is not None and cfg.divergence in NEEDS_TAIL_BUCKET and cfg.temperature != 1.0:
         raise LmdistillError(f"{cfg.divergence} with a top-k teacher cache needs temperature 1 (found "
                              f"{cfg.temperature}): the cache knows the teacher's remaining mass only at T=1.")
     Ws = student_lm_head_weight
     if Ws.dim() != 2 or Ws.shape[1] != student_hidden.shape[-1]:
-        raise LmdistillError(f"fused_topk_distillation_loss: expected student_lm_head_weight of shape "
+        raise LmdistillError(f"fused_teacher_distillation_loss: expected student_lm_head_weight of shape "
                              f"[vocab, {student_hidden.shape[-1]}], found {tuple(Ws.shape)}.")
     if student_hidden.shape[:-1] != labels.shape:
-        raise LmdistillError(f"fused_topk_distillation_loss: expected labels of shape {tuple(student_hidden.shape[:-1])} "
-                             f"(student_hidden without its last dimension), found {tuple(labels.shape)}.")
+        raise LmdistillError(f"fused_teacher_distillation_loss: expected labels of shape "
+                             f"{tuple(student_hidden.shape[:-1])} (student_hidden without its last dimension), found "
+                             f"{tuple(labels.shape)}.")
     V = teacher.vocab_size
     if Ws.shape[0] < V:
-        raise LmdistillError(f"fused_topk_distillation_loss: the teacher's vocabulary has {V} tokens but the student's "
-                             f"lm_head only {Ws.shape[0]} rows.")
+        raise LmdistillError(f"fused_teacher_distillation_loss: the teacher's vocabulary has {V} tokens but the "
+                             f"student's lm_head only {Ws.shape[0]} rows.")
     if chunk_size is not None and chunk_size < 1:
         raise LmdistillError(f"chunk_size: expected None or an integer >= 1, found {chunk_size}.")
     parts = LossParts()
-    parts.loss = _FusedKD.apply(student_hidden, Ws, student_lm_head_bias, None, None, None, labels, cfg, chunk_size, V,
-                                parts, teacher.to(student_hidden.device))
+    parts.loss = _FusedKD.apply(student_hidden, Ws, student_lm_head_bias, labels, cfg, chunk_size, V, parts, teacher)
     return parts
+
+
+def fused_topk_distillation_loss_parts(student_hidden: Tensor, student_lm_head_weight: Tensor, teacher, labels: Tensor,
+                                       **kwargs) -> LossParts:
+    """The fused loss against top-k teacher rows (`lmdistill.teachers.TopKTeacher`: ids, T=1 logits and
+    log-normalizer at each trained position, in the order of `labels != ignore_index`); see
+    `fused_teacher_distillation_loss_parts`."""
+    return fused_teacher_distillation_loss_parts(student_hidden, student_lm_head_weight,
+                                                 teacher.to(student_hidden.device), labels, **kwargs)
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, divergence: str = "forward_kl",
@@ -352,6 +359,6 @@ def fused_cross_entropy_parts(hidden: Tensor, lm_head_weight: Tensor, labels: Te
             f"{tuple(hidden.shape)}, labels {tuple(labels.shape)}, lm_head_weight {tuple(lm_head_weight.shape)}."
         )
     parts = LossParts()
-    parts.loss = _FusedKD.apply(hidden, lm_head_weight, lm_head_bias, None, None, None, labels, cfg, chunk_size,
-                                lm_head_weight.shape[0], parts)
+    parts.loss = _FusedKD.apply(hidden, lm_head_weight, lm_head_bias, labels, cfg, chunk_size,
+                                lm_head_weight.shape[0], parts, None)
     return parts

@@ -186,3 +186,12 @@ def lm_head_of(model: Any) -> LmHead:
     scale /= float(getattr(config, "logits_scaling", None) or 1.0)
     softcap = getattr(config, "final_logit_softcapping", None)
     return LmHead(_live_weight(head), getattr(head, "bias", None), scale, float(softcap) if softcap else None)
+
+
+def full_weights(head: LmHead) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The lm_head weight and bias as whole tensors. Under FSDP2 they are sharded DTensors outside the model's
+    forward; `full_tensor()` all-gathers them differentiably (its backward reduce-scatters)."""
+    from torch.distributed.tensor import DTensor
+
+    gather = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
+    return gather(head.weight), None if head.bias is None else gather(head.bias)

@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 
 from lmdistill.errors import LmdistillError
+from lmdistill.losses.scores import TeacherScores
+from lmdistill.teachers.base import Teacher
 
 FORMAT = "lmdistill-teacher-cache"
 VERSION = 1
@@ -54,7 +56,7 @@ def trained_positions(example: dict) -> int:
 
 
 @dataclass
-class TopKTeacher:
+class TopKTeacher(TeacherScores):
     """Top-k teacher rows for a set of trained positions: ids [n, k] (int64), logits [n, k] and lse [n]
     (fp32, at T=1), over a vocabulary of `vocab_size` real tokens."""
 
@@ -67,8 +69,16 @@ class TopKTeacher:
     def k(self) -> int:
         return self.ids.shape[1]
 
+    @property
+    def n_rows(self) -> int:
+        return self.ids.shape[0]
+
     def to(self, device) -> "TopKTeacher":
         return TopKTeacher(self.ids.to(device), self.logits.to(device), self.lse.to(device), self.vocab_size)
+
+    def block(self, start: int, rows: Tensor, out: Tensor) -> Tensor:
+        """TeacherScores: trained rows [start, start + len(rows)) as dense logits (see `dense_logits`)."""
+        return self.dense_logits(start, start + len(rows), out)
 
     def dense_logits(self, start: int, end: int, out: Tensor) -> Tensor:
         """Rows [start, end) as dense logits in `out` [end - start, vocab_size]: the k logits in place and every
@@ -156,19 +166,34 @@ class TeacherCache:
         return TopKTeacher(ids, logits, self.lse[sel], self.vocab_size)
 
 
-# -- building ----------------------------------------------------------------------------------------------
-def _topk_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, k: int, vocab: int):
-    """Top-k logits, ids and logsumexp of hidden [n, H] @ weight[:vocab].T in fp32, a bounded chunk at a time
-    (the loss engine's projection: low-precision weights are upcast tile by tile)."""
-    from lmdistill.losses.functional import project_logits
+class CachedTeacher(Teacher):
+    """The Teacher of `distill --teacher_cache DIR`: each micro-batch reads its examples' cached rows (the batch
+    carries `example_index`); exact within the cache's top k. It can score only the examples it was built from."""
 
-    w, b = weight[:vocab], None if bias is None else bias[:vocab]
-    rows = max(1, min(hidden.shape[0], LOGIT_CHUNK_BYTES // (vocab * 4)))
-    buf = torch.empty(rows, vocab, device=hidden.device)
+    offline = True
+
+    def __init__(self, cache: TeacherCache, top_k: int | None = None, name: str | None = None):
+        self.cache, self.top_k = cache, top_k
+        self.vocab_size, self.k = cache.vocab_size, top_k or cache.k
+        self.name = name or f"cache {cache.folder}"
+
+    def score(self, batch: dict) -> TopKTeacher:
+        return self.cache.rows(batch["example_index"], self.top_k).to(batch["input_ids"].device)
+
+    def check_examples(self, examples) -> None:
+        self.cache.check_examples(examples)
+
+
+# -- building ----------------------------------------------------------------------------------------------
+def _topk_rows(scores: TeacherScores, positions: Tensor, k: int, vocab: int):
+    """Top-k logits, ids and logsumexp of a teacher's scores at `positions` (flat positions of the batch), in fp32,
+    a bounded chunk of rows at a time."""
+    rows = max(1, min(len(positions), LOGIT_CHUNK_BYTES // (vocab * 4)))
+    buf = torch.empty(rows, vocab, device=positions.device)
     out_v, out_i, out_l = [torch.empty(0, k)], [torch.empty(0, k, dtype=torch.int32)], [torch.empty(0)]
-    for s in range(0, hidden.shape[0], rows):
-        h = hidden[s : s + rows].float()
-        z = project_logits(h, w, b, buf[: len(h)])
+    for s in range(0, len(positions), rows):
+        r = positions[s : s + rows]
+        z = scores.block(s, r, buf[: len(r)])
         v, i = z.topk(k, -1)
         out_v.append(v.cpu())
         out_i.append(i.to(torch.int32).cpu())
@@ -179,28 +204,30 @@ def _topk_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, k: int, voca
 def build_cache(teacher, tokenizer, examples: Sequence[dict], output_dir: str | Path, top_k: int, *,
                 meta: dict[str, Any], batch_size: int = 8, device: str | torch.device = "cpu",
                 vocab_size: int | None = None, progress: bool = True) -> Path:
-    """Run the frozen `teacher` over `examples` and write the cache folder atomically; returns its path.
+    """Run `teacher` (a Teacher that scores any text, or a frozen HF model) over `examples` and write the cache
+    folder atomically; returns its path.
 
     With `progress`, a bar on a terminal and a plain line per tenth of the examples elsewhere (logs, pipes)."""
     from safetensors.torch import save_file
 
-    from lmdistill.data import pad_batch
-    from lmdistill.eval.lm import shift_labels
-    from lmdistill.models import forward_hidden, lm_head_of
+    from lmdistill.data import pad_batch, shift_labels
     from lmdistill.progress import Progress
+    from lmdistill.teachers.online import OnlineTeacher
 
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
         raise LmdistillError(f"--output_dir: expected a new or empty folder for the cache, found '{out}' with files "
                              "in it; choose another folder or delete it.")
     vocab = vocab_size or len(tokenizer)
+    teacher = teacher if isinstance(teacher, Teacher) else OnlineTeacher(teacher, vocab, name="--teacher")
+    if teacher.offline:
+        raise LmdistillError(f"{teacher.name} can score only the examples it was built from, not new data.")
     if not 1 <= top_k <= vocab:
         raise LmdistillError(f"--top_k: expected an integer in [1, {vocab}] (the vocabulary), found {top_k}.")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        head = lm_head_of(teacher)
         offsets, prints, shards = [0], [], []
         buf: dict[str, list[Tensor]] = {"ids": [], "logits": [], "lse": []}
         first_example = 0
@@ -223,9 +250,8 @@ def build_cache(teacher, tokenizer, examples: Sequence[dict], output_dir: str | 
             for start in range(0, len(examples), batch_size):
                 batch_ex = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
                 batch = {k: v.to(device) for k, v in pad_batch(batch_ex, tokenizer.pad_token_id).items()}
-                hidden = forward_hidden(teacher, batch["input_ids"], batch["attention_mask"]).hidden
-                mask = shift_labels(batch["labels"]) != -100
-                v, i, lse = _topk_rows(hidden[mask], head.weight, head.bias, top_k, vocab)
+                positions = (shift_labels(batch["labels"]).reshape(-1) != -100).nonzero().squeeze(1)
+                v, i, lse = _topk_rows(teacher.score(batch), positions, top_k, vocab)
                 buf["logits"].append(v)
                 buf["ids"].append(i)
                 buf["lse"].append(lse)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmdistill.config import float_in, int_at_least
+from lmdistill.config import Repeated, float_in, int_at_least
 from lmdistill.data.formats import FORMATS
 from lmdistill.losses.divergences import ALIASES, DIVERGENCES
 
@@ -21,6 +21,18 @@ POSITIVE, COUNT = int_at_least(1), int_at_least(0)
 UNIT, POSITIVE_FLOAT = float_in(0, 1), float_in(0, lo_open=True)
 DTYPES = ["float32", "bfloat16", "float16"]
 DATA_FORMATS = ["auto", *FORMATS]
+
+
+def _weights(text) -> list[float]:
+    """`0.5,0.5` (or a YAML list) -> [0.5, 0.5], each a positive number."""
+    items = text if isinstance(text, list) else str(text).split(",")
+    try:
+        weights = [float(x) for x in items]
+    except ValueError:
+        weights = []
+    if not weights or any(not (w > 0 and w < float("inf")) for w in weights):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, found {text!r}")
+    return weights
 
 
 def _common(p: argparse.ArgumentParser, command: str) -> None:
@@ -91,12 +103,20 @@ def _common(p: argparse.ArgumentParser, command: str) -> None:
 
 def _distill(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
-    a("--teacher", default=None,
-      help="teacher: a local HF model folder (or a preset, for tests); required unless --teacher_cache")
+    a("--teacher", action=Repeated, default=None, metavar="DIR",
+      help="teacher: a local HF model folder (or a preset, for tests); repeat for an ensemble; required unless "
+           "--teacher_cache")
     a("--student", required=True, help="student: a preset name or a local HF model folder")
-    a("--teacher_cache", default=None,
-      help="a folder made by `lmdistill cache-teacher`, read instead of running a teacher")
-    a("--teacher_adapter", default=None, help="LoRA adapter folder merged into the teacher at load")
+    a("--teacher_cache", action=Repeated, default=None, metavar="DIR",
+      help="a folder made by `lmdistill cache-teacher`, read instead of running a teacher; repeat for an ensemble")
+    a("--teacher_adapter", action=Repeated, default=None, metavar="DIR",
+      help="LoRA adapter folder merged into the teacher at load; with several --teacher, one per teacher in order")
+    a("--teacher_weights", type=_weights, default=None, metavar="W1,W2,...",
+      help="ensemble weights, one per teacher (--teacher ones first, then --teacher_cache ones), normalized to sum "
+           "to 1 (default: equal)")
+    a("--ensemble", default="logits", choices=["logits", "probs"],
+      help="how several teachers combine: logits = weighted mean of their logits (BabyLlama), probs = weighted "
+           "mixture of their distributions")
     a("--teacher_dtype", default=None, choices=DTYPES,
       help="teacher weights dtype (default: bfloat16 under --dtype bfloat16, else float32)")
     aliases = ", ".join(f"{k}={v}" for k, v in sorted(ALIASES.items()))

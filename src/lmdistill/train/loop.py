@@ -29,9 +29,11 @@ import torch
 from accelerate.utils import DistributedType
 
 from lmdistill.errors import LmdistillError
-from lmdistill.eval.lm import evaluate_lm, shift_labels
-from lmdistill.losses import fused_cross_entropy_parts, fused_distillation_loss_parts, fused_topk_distillation_loss_parts
-from lmdistill.models import forward_hidden, is_moe, lm_head_of
+from lmdistill.data import shift_labels
+from lmdistill.eval.lm import evaluate_lm
+from lmdistill.losses import fused_cross_entropy_parts, fused_teacher_distillation_loss_parts
+from lmdistill.models import forward_hidden, lm_head_of
+from lmdistill.models.hidden import full_weights
 from lmdistill.train import preflight
 from lmdistill.train import state as ckpt
 from lmdistill.train.metrics import MetricsLogger
@@ -105,10 +107,9 @@ class Trainer:
         set_seed(args.seed)
         self.out = Path(args.output_dir)
         s = build(args, self.plan, self.acc.device, self.acc.is_main_process)
-        self.tokenizer, self.teacher, self.examples, self.eval_examples, self.vocab = (
-            s.tokenizer, s.teacher, s.examples, s.eval_examples, s.vocab_size)
-        self.teacher_cache = s.teacher_cache
-        self.distilling = self.teacher is not None or self.teacher_cache is not None
+        self.tokenizer, self.teacher, self.examples, self.eval_examples = (
+            s.tokenizer, s.teacher, s.examples, s.eval_examples)
+        self.distilling = self.teacher is not None
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.per_step = args.batch_size * args.accumulation_steps * self.world
         self.total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(self.examples) / self.per_step))
@@ -117,16 +118,16 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_iters, self.total_steps))
         self.model, self.optimizer = self.acc.prepare(s.student, optimizer)
         if self.teacher is not None and self.acc.distributed_type == DistributedType.FSDP:
-            self.teacher = self.acc.prepare_model(self.teacher)  # sharded too; stays frozen in eval mode
+            self.teacher.prepare(self.acc.prepare_model)  # sharded too; stays frozen in eval mode
         self.stream = ExampleStream(len(self.examples), args.seed)
         self.step, self.stop_signal = 0, None
         self._check_head()
 
     def _check_head(self) -> None:
-        for name, m in (("student", self.model), ("teacher", self.teacher)):
-            if m is not None and (lm_head_of(m).logit_scale != 1.0 or lm_head_of(m).softcap):
-                raise LmdistillError(f"the {name} scales or softcaps its logits; the fused loss does not support "
-                                     "that yet (Qwen, Llama and MiniMind models do not).")
+        head = lm_head_of(self.model)
+        if head.logit_scale != 1.0 or head.softcap:
+            raise LmdistillError("the student scales or softcaps its logits; the fused loss does not support that yet "
+                                 "(Qwen, Llama and MiniMind models do not).")
 
     # -- one optimizer step ------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list[dict]:
@@ -147,22 +148,13 @@ class Trainer:
         a = self.args
         targets = shift_labels(batch["labels"])
         out = forward_hidden(self.model, batch["input_ids"], batch["attention_mask"])
-        w, b = _full(lm_head_of(self.model))
-        options = dict(divergence=a.divergence, temperature=self.temperature(), alpha=a.alpha,
-                       skew_lambda=a.skew_lambda, jsd_beta=a.jsd_beta, top_k=a.top_k) if self.distilling else {}
-        if self.teacher_cache is not None:
-            rows = self.teacher_cache.rows(batch["example_index"], a.top_k)
-            options["top_k"] = a.top_k or rows.k
-            return fused_topk_distillation_loss_parts(out.hidden, w, rows, targets, reduction="sum",
-                                                      student_lm_head_bias=b, **options), out.aux_loss
+        w, b = full_weights(lm_head_of(self.model))
         if self.teacher is None:
             return fused_cross_entropy_parts(out.hidden, w, targets, reduction="sum", lm_head_bias=b), out.aux_loss
-        with torch.no_grad():
-            teacher_hidden = forward_hidden(self.teacher, batch["input_ids"], batch["attention_mask"]).hidden
-            wt, bt = _full(lm_head_of(self.teacher))
-        parts = fused_distillation_loss_parts(
-            out.hidden, w, teacher_hidden, wt, targets, reduction="sum", vocab_size=self.vocab,
-            student_lm_head_bias=b, teacher_lm_head_bias=bt, **options)
+        parts = fused_teacher_distillation_loss_parts(
+            out.hidden, w, self.teacher.score(batch), targets, reduction="sum", student_lm_head_bias=b,
+            divergence=a.divergence, temperature=self.temperature(), alpha=a.alpha, skew_lambda=a.skew_lambda,
+            jsd_beta=a.jsd_beta, **({"top_k": a.top_k} if a.top_k else {}))
         return parts, out.aux_loss
 
     def temperature(self) -> float:
@@ -285,9 +277,10 @@ class Trainer:
     def evaluate(self) -> dict:
         result = {}
         if self.acc.is_main_process:
-            result = evaluate_lm(self.acc.unwrap_model(self.model), self.eval_examples, self.tokenizer, self.teacher,
+            teacher = self.teacher if self.teacher is not None and not self.teacher.offline else None
+            result = evaluate_lm(self.acc.unwrap_model(self.model), self.eval_examples, self.tokenizer, teacher,
                                  batch_size=self.args.batch_size, max_batches=self.args.eval_batches,
-                                 device=self.acc.device, vocab_size=self.vocab)
+                                 device=self.acc.device)
         self.acc.wait_for_everyone()
         return result
 
@@ -320,15 +313,6 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         return bool(self._sum(1.0 if self.stop_signal else 0.0) > 0)
-
-
-def _full(head) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The lm_head weight and bias as whole tensors. Under FSDP2 they are sharded DTensors outside the
-    model's forward; `full_tensor()` all-gathers them differentiably (its backward reduce-scatters)."""
-    from torch.distributed.tensor import DTensor
-
-    gather = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
-    return gather(head.weight), None if head.bias is None else gather(head.bias)
 
 
 def _debug_hooks(step: int) -> None:

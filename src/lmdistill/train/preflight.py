@@ -63,15 +63,22 @@ def check(args: argparse.Namespace) -> Plan:
 
 # -- options that go together --------------------------------------------------------------------------------
 def _check_teacher_options(args) -> None:
-    if args.teacher and args.teacher_cache:
-        raise LmdistillError("give --teacher (an online teacher) or --teacher_cache (a cache made by `lmdistill "
-                             "cache-teacher`), not both.")
-    if not args.teacher and not args.teacher_cache:
+    teachers, caches, adapters = args.teacher or [], args.teacher_cache or [], args.teacher_adapter or []
+    if not teachers and not caches:
         raise LmdistillError("distill needs a teacher: --teacher DIR (a model folder) or --teacher_cache DIR (made "
                              "by `lmdistill cache-teacher`).")
-    if args.teacher_cache and args.teacher_adapter:
-        raise LmdistillError("--teacher_adapter: the teacher cache already holds the (adapted) teacher's outputs; "
+    if adapters and len(adapters) != len(teachers):
+        raise LmdistillError(f"--teacher_adapter: expected one per --teacher ({len(teachers)}, in the same order), "
+                             f"found {len(adapters)}. A teacher cache already holds its (adapted) teacher's outputs: "
                              "pass the adapter to `lmdistill cache-teacher` instead.")
+    n = len(teachers) + len(caches)
+    if args.teacher_weights is not None and len(args.teacher_weights) != n:
+        raise LmdistillError(f"--teacher_weights: expected {n} weights (one per teacher: --teacher ones first, then "
+                             f"--teacher_cache ones), found {len(args.teacher_weights)}.")
+    repeated = sorted({t for t in teachers + caches if (teachers + caches).count(t) > 1})
+    if repeated:
+        raise LmdistillError(f"teacher '{repeated[0]}' is given more than once; give each teacher once and weight it "
+                             "with --teacher_weights.")
     if args.temperature_end is None and args.temperature_schedule != "linear":
         raise LmdistillError(f"--temperature_schedule {args.temperature_schedule} needs --temperature_end (the value "
                              "to anneal to); without it the temperature is constant.")
@@ -87,14 +94,14 @@ def _check_inputs(args, distill: bool) -> None:
         check_data_path(args.eval_data, "--eval_data")
     model_flag, model = ("--student", args.student) if distill else ("--model", args.model)
     check_model_ref(model_flag, model)
-    if distill and args.teacher:
-        check_model_ref("--teacher", args.teacher)
-    if distill and args.teacher_adapter and not (Path(args.teacher_adapter) / "adapter_config.json").is_file():
-        raise LmdistillError(f"--teacher_adapter: expected a LoRA adapter folder (adapter_config.json), found "
-                             f"{'no such folder' if not Path(args.teacher_adapter).is_dir() else 'none'} at "
-                             f"'{args.teacher_adapter}'.")
-    if distill and args.teacher_cache:
-        _cache_meta(args.teacher_cache)
+    for teacher in (args.teacher or []) if distill else []:
+        check_model_ref("--teacher", teacher)
+    for adapter in (args.teacher_adapter or []) if distill else []:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise LmdistillError(f"--teacher_adapter: expected a LoRA adapter folder (adapter_config.json), found "
+                                 f"{'no such folder' if not Path(adapter).is_dir() else 'none'} at '{adapter}'.")
+    for cache in (args.teacher_cache or []) if distill else []:
+        _cache_meta(cache)
     given = [f"--{k}" for k in ("hidden_size", "num_layers", "use_moe") if getattr(args, k) is not None]
     if given and model not in PRESETS:
         raise LmdistillError(f"{', '.join(given)} only apply to a preset; {model_flag} '{model}' is a saved model, "
@@ -126,15 +133,16 @@ def _check_tokenizers(args, distill: bool) -> tuple[Any, str]:
     sources: list[tuple[str, str]] = []  # (flag + value, tokenizer folder), in order of preference
     if args.tokenizer:
         sources.append((f"--tokenizer {args.tokenizer}", args.tokenizer))
-    if distill and args.teacher and has_tokenizer(args.teacher):
-        sources.append((f"--teacher {args.teacher}", args.teacher))
-    if distill and args.teacher_cache:
-        sources.append((f"--teacher_cache {args.teacher_cache}", str(Path(args.teacher_cache) / "tokenizer")))
+    for teacher in (args.teacher or []) if distill else []:
+        if has_tokenizer(teacher):
+            sources.append((f"--teacher {teacher}", teacher))
+    for cache in (args.teacher_cache or []) if distill else []:
+        sources.append((f"--teacher_cache {cache}", str(Path(cache) / "tokenizer")))
     model_flag, model = ("--student", args.student) if distill else ("--model", args.model)
     if has_tokenizer(model):
         sources.append((f"{model_flag} {model}", model))
     if not sources:
-        folders = f"--teacher '{args.teacher}' has" if distill else f"{model_flag} '{model}' is a preset and has"
+        folders = f"--teacher '{(args.teacher or ['?'])[0]}' has" if distill else f"{model_flag} '{model}' is a preset and has"
         raise LmdistillError(f"no tokenizer: {folders} no tokenizer files (tokenizer.json); pass --tokenizer DIR "
                              "(e.g. one made by `lmdistill tokenizer`).")
     loaded = [(name, load_tokenizer(path, name.split()[0])) for name, path in sources]
@@ -162,14 +170,21 @@ def _check_vocab_options(args, tokenizer, distill: bool) -> None:
     vocab = len(tokenizer)
     if args.top_k is not None and args.top_k > vocab:
         raise LmdistillError(f"--top_k: expected at most the vocabulary size ({vocab:,} tokens), found {args.top_k}.")
-    if args.teacher_cache:
-        from lmdistill.losses.divergences import NEEDS_TAIL_BUCKET, canonical_divergence
+    if not args.teacher_cache:
+        return
+    from lmdistill.losses.divergences import NEEDS_TAIL_BUCKET, canonical_divergence
 
-        meta = _cache_meta(args.teacher_cache)
-        k = int(meta["top_k"])
+    for cache in args.teacher_cache:
+        meta = _cache_meta(cache)
+        k, full = int(meta["top_k"]), int(meta["top_k"]) >= int(meta["vocab_size"])
         if args.top_k is not None and args.top_k > k:
-            raise LmdistillError(f"--top_k: the teacher cache '{args.teacher_cache}' holds the top {k} tokens per "
-                                 f"position; expected --top_k <= {k}, found {args.top_k}.")
+            raise LmdistillError(f"--top_k: the teacher cache '{cache}' holds the top {k} tokens per position; "
+                                 f"expected --top_k <= {k}, found {args.top_k}.")
+        if not full and len(args.teacher or []) + len(args.teacher_cache) > 1:
+            raise LmdistillError(f"--teacher_cache '{cache}' holds only the top {k} of {int(meta['vocab_size']):,} "
+                                 "tokens per position: an ensemble needs every logit of each member (the ids a cache "
+                                 "did not keep have none). Cache the whole vocabulary (`cache-teacher --top_k "
+                                 f"{int(meta['vocab_size'])}`) or use online teachers.")
         temperatures = {args.temperature, args.temperature if args.temperature_end is None else args.temperature_end}
         if (canonical_divergence(args.divergence) in NEEDS_TAIL_BUCKET and temperatures != {1.0}
                 and (args.top_k or k) < int(meta["vocab_size"])):
@@ -194,10 +209,10 @@ def _check_output_dir(args) -> tuple[Path | None, list[Path]]:
     if out.exists() and not out.is_dir():
         raise LmdistillError(f"--output_dir: expected a folder for the run, found a file at '{out}'.")
     for flag in PATH_OPTIONS:
-        value = getattr(args, flag, None)
-        if value and Path(value).exists() and Path(value).resolve() == out.resolve():
-            raise LmdistillError(f"--output_dir '{out}' is also --{flag}: the run would write over its own input. "
-                                 "Choose another --output_dir.")
+        for value in _as_list(getattr(args, flag, None)):
+            if Path(value).exists() and Path(value).resolve() == out.resolve():
+                raise LmdistillError(f"--output_dir '{out}' is also --{flag}: the run would write over its own "
+                                     "input. Choose another --output_dir.")
     if args.resume and args.overwrite:
         raise LmdistillError("--resume continues the run in --output_dir and --overwrite deletes it: give one.")
     if args.resume:
@@ -226,11 +241,16 @@ def _check_same_config(args, folder: Path) -> None:
                              "ones (e.g. a new learning rate).")
 
 
+def _as_list(value: Any) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
 def _same(key: str, old: Any, new: Any) -> bool:
     if old == new:
         return True
-    if key in PATH_OPTIONS and old and new:
-        return Path(old).resolve() == Path(new).resolve()
+    if key in PATH_OPTIONS:  # one path or a list of them (--teacher is repeatable; older runs saved one string)
+        old, new = _as_list(old), _as_list(new)
+        return len(old) == len(new) and all(Path(a).resolve() == Path(b).resolve() for a, b in zip(old, new))
     return False
 
 

@@ -19,23 +19,21 @@ from lmdistill.errors import LmdistillError
 class Setup:
     tokenizer: Any
     student: torch.nn.Module
-    teacher: torch.nn.Module | None
+    teacher: Any | None  # a lmdistill.teachers.Teacher (online, cached or an ensemble); None for CE training
     examples: Any
     eval_examples: Any | None
-    vocab_size: int | None  # compare only the first vocab_size logits (padded embeddings), None = all
-    teacher_cache: Any | None = None  # lmdistill.teachers.TeacherCache instead of an online teacher
 
 
-def check_vocabularies(tokenizer, student, teacher) -> int | None:
-    """The number of logits to compare: None (all) when both heads have the same size, else the tokenizer's
-    length (padded embedding rows, e.g. Qwen2.5-7B's 152,064 vs 0.5B's 151,936, are never real tokens)."""
-    vs = student.get_output_embeddings().weight.shape[0]
-    vt = teacher.get_output_embeddings().weight.shape[0]
-    n = len(tokenizer)
-    if min(vs, vt) < n:
-        raise LmdistillError(f"the tokenizer has {n} tokens but the {'student' if vs < n else 'teacher'} has only "
-                             f"{min(vs, vt)} output rows; the model does not belong to this tokenizer.")
-    return None if vs == vt else n
+def compared_vocabulary(tokenizer, student, teacher_rows: list[int]) -> int:
+    """The number of logits compared: every row when the student and all teachers have the same output size,
+    else the tokenizer's length (padded embedding rows, e.g. Qwen2.5-7B's 152,064 vs 0.5B's 151,936, are never
+    real tokens)."""
+    vs, n = student.get_output_embeddings().weight.shape[0], len(tokenizer)
+    for name, rows in [("student", vs), *((f"teacher {i + 1}", r) for i, r in enumerate(teacher_rows))]:
+        if rows < n:
+            raise LmdistillError(f"the tokenizer has {n} tokens but the {name} has only {rows} output rows; the "
+                                 "model does not belong to this tokenizer.")
+    return vs if all(r == vs for r in teacher_rows) else n
 
 
 def _model_overrides(args) -> dict:
@@ -66,21 +64,15 @@ def build(args: argparse.Namespace, plan, device, is_main: bool) -> Setup:
     """Everything the loop needs, from the options of `train` or `distill` already checked by `preflight.check`
     (`plan` holds the tokenizer it resolved)."""
     from lmdistill.data import load_examples
-    from lmdistill.models import load_teacher
 
-    tokenizer, teacher, cache = plan.tokenizer, None, None
+    tokenizer, teacher = plan.tokenizer, None
     if args.command == "train":
-        student, vocab = build_student(args, args.model, tokenizer, device), None
-    elif args.teacher_cache:
-        student, cache, vocab = _cached_teacher_setup(args, tokenizer, device)
+        student = build_student(args, args.model, tokenizer, device)
     else:
-        teacher = load_teacher(args.teacher, adapter=args.teacher_adapter, dtype=teacher_dtype(args), device=device,
-                               tokenizer=tokenizer, verbose=is_main)
-        student = build_student(args, args.student, tokenizer, device)
-        vocab = check_vocabularies(tokenizer, student, teacher)
+        teacher, student = build_teacher(args, tokenizer, device, is_main)
     examples = load_examples(args.data, tokenizer, args.max_seq_len, args.data_format, args.skip_bad_records)
-    if cache is not None:
-        cache.check_examples(examples)
+    if teacher is not None:
+        teacher.check_examples(examples)
     eval_examples = None
     if args.eval_data:
         eval_examples = load_examples(args.eval_data, tokenizer, args.max_seq_len, args.data_format, args.skip_bad_records)
@@ -88,17 +80,37 @@ def build(args: argparse.Namespace, plan, device, is_main: bool) -> Setup:
         print(f"train data: {examples.stats.summary()}")
         if eval_examples is not None:
             print(f"eval data: {eval_examples.stats.summary()}")
-    return Setup(tokenizer, student, teacher, examples, eval_examples, vocab, cache)
+    return Setup(tokenizer, student, teacher, examples, eval_examples)
 
 
-def _cached_teacher_setup(args, tokenizer, device):
-    """Student, cache and compared vocabulary for `distill --teacher_cache DIR` (options checked by preflight)."""
-    from lmdistill.teachers import TeacherCache
+def build_teacher(args, tokenizer, device, is_main: bool):
+    """The run's Teacher (one teacher, or an ensemble of the --teacher and --teacher_cache ones, in that order)
+    and the student; each teacher loads in its own dtype, one after the other."""
+    from lmdistill.models import load_teacher
+    from lmdistill.teachers import CachedTeacher, EnsembleTeacher, OnlineTeacher, TeacherCache
 
-    cache = TeacherCache(args.teacher_cache)
+    paths, adapters = args.teacher or [], args.teacher_adapter or [None] * len(args.teacher or [])
+    models = [load_teacher(p, adapter=a, dtype=teacher_dtype(args), device=device, tokenizer=tokenizer,
+                           verbose=is_main) for p, a in zip(paths, adapters)]
+    caches = [TeacherCache(c) for c in args.teacher_cache or []]
     student = build_student(args, args.student, tokenizer, device)
+    rows = [m.get_output_embeddings().weight.shape[0] for m in models] + [c.vocab_size for c in caches]
+    vocab = compared_vocabulary(tokenizer, student, rows) if models else _cache_vocabulary(caches, student)
+    several = len(paths) + len(caches) > 1
+    members = [OnlineTeacher(m, vocab, name=f"--teacher {p}" if several else "teacher") for m, p in zip(models, paths)]
+    members += [CachedTeacher(c, args.top_k, name=f"--teacher_cache {c.folder}") for c in caches]
+    if not several:
+        return members[0], student
+    ensemble = EnsembleTeacher(members, args.teacher_weights, args.ensemble)
+    if is_main:
+        print(ensemble.describe())
+    return ensemble, student
+
+
+def _cache_vocabulary(caches, student) -> int:
     rows = student.get_output_embeddings().weight.shape[0]
-    if rows < cache.vocab_size:
-        raise LmdistillError(f"--student: the teacher cache's vocabulary has {cache.vocab_size} tokens but the student "
-                             f"only {rows} output rows.")
-    return student, cache, None if rows == cache.vocab_size else cache.vocab_size
+    vocab = caches[0].vocab_size
+    if rows < vocab or any(c.vocab_size != vocab for c in caches):
+        raise LmdistillError(f"--student: the teacher cache's vocabulary has {vocab} tokens but the student only {rows} "
+                             "output rows." if rows < vocab else "the teacher caches hold different vocabularies.")
+    return vocab

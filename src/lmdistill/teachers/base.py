@@ -1,0 +1,43 @@
+"""The Teacher interface: what the loop, the loss and eval ask of any teacher, whatever its source.
+
+    scores = teacher.score(batch)    # TeacherScores of the batch's trained rows, read block by block by the loss
+    teacher.vocab_size               # the real tokens compared (padded embedding rows excluded)
+    teacher.k                        # None, or the top-k its scores are exact within (an offline cache)
+
+Sources (one file each): an online HF model (`online.py`), the offline top-k cache (`cache.py`), an ensemble of
+teachers (`ensemble.py`). A new kind of teacher is a new subclass; nothing else needs to change.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from lmdistill.losses.scores import TeacherScores
+
+
+class Teacher:
+    """A frozen source of next-token distributions over the student's vocabulary."""
+
+    name: str = "teacher"
+    vocab_size: int
+    k: int | None = None
+    # True when it can score only the examples it was built from (a cache), not any text (eval data)
+    offline: bool = False
+
+    def score(self, batch: dict) -> TeacherScores:  # pragma: no cover - interface
+        """Scores of `batch` (input_ids, attention_mask, labels [B, T]; example_index for offline teachers) at
+        its trained positions, under no grad; called under the training step's autocast context."""
+        raise NotImplementedError
+
+    def members(self) -> list["Teacher"]:
+        """The teachers it is made of (itself, for a single teacher); eval reports each."""
+        return [self]
+
+    def check_examples(self, examples) -> None:
+        """Refuse examples it cannot score (an offline teacher: others than it was built from)."""
+
+    def prepare(self, prepare_model: Callable) -> None:
+        """Let the launcher wrap its models (FSDP sharding); a teacher without a model ignores it."""
+
+    def describe(self) -> str:
+        return self.name

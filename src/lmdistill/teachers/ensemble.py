@@ -1,0 +1,93 @@
+"""Teacher ensembles (Timiryasov & Tastet 2023, "Baby Llama: knowledge distillation from an ensemble of
+teachers"): several teachers act as one.
+
+    lmdistill distill --teacher A --teacher B [--teacher_weights 0.5,0.5] [--ensemble logits|probs] ...
+
+The ensemble is a teacher whose T=1 logits, at every trained position, are
+- `logits`: the weighted mean of the members' logits, sum_i w_i z_i (BabyLlama's formula), or
+- `probs`:  the log of the weighted mixture of their distributions, log sum_i w_i softmax(z_i);
+temperature, top_k and every divergence then apply to it as to any single teacher (so under `probs` the
+temperature softens the mixture). Weights are positive and normalized to sum to 1.
+
+Members are scored one after the other on each micro-batch, and the loss reads the ensemble one token chunk at a
+time: at most one extra `[chunk, vocab]` buffer exists besides each member's own chunk. A member that is exact
+only within a top-k (a cache with k < vocabulary) cannot be combined exactly -- the ids it did not keep have no
+logits -- so such members are refused (cache the whole vocabulary, `cache-teacher --top_k V`, to ensemble caches).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lmdistill.errors import LmdistillError
+from lmdistill.losses.scores import TeacherScores
+from lmdistill.teachers.base import Teacher
+
+MODES = ("logits", "probs")
+
+
+class EnsembleScores(TeacherScores):
+    def __init__(self, members: list[TeacherScores], weights: list[float], mode: str):
+        self.members, self.weights, self.mode = members, weights, mode
+        self.vocab_size = members[0].vocab_size
+        self._buf: Tensor | None = None
+
+    def block(self, start: int, rows: Tensor, out: Tensor) -> Tensor:
+        if self._buf is None or self._buf.shape[0] < out.shape[0] or self._buf.dtype != out.dtype:
+            self._buf = torch.empty_like(out)
+        tmp = self._buf[: out.shape[0]]
+        for i, (member, w) in enumerate(zip(self.members, self.weights)):
+            z = member.block(start, rows, out if i == 0 else tmp)
+            if self.mode == "logits":
+                out.mul_(w) if i == 0 else out.add_(z, alpha=w)
+            else:
+                z.sub_(torch.logsumexp(z, -1, keepdim=True)).add_(math.log(w))  # log(w_i p_i)
+                if i:
+                    torch.logaddexp(out, z, out=out)
+        return out
+
+
+class EnsembleTeacher(Teacher):
+    def __init__(self, members: list[Teacher], weights: list[float] | None = None, mode: str = "logits"):
+        if len(members) < 1:
+            raise LmdistillError("an ensemble needs at least one teacher.")
+        if mode not in MODES:
+            raise LmdistillError(f"--ensemble: expected one of {', '.join(MODES)}, found '{mode}'.")
+        weights = [1.0] * len(members) if weights is None else list(weights)
+        if len(weights) != len(members) or any(not (w > 0 and math.isfinite(w)) for w in weights):
+            raise LmdistillError(f"--teacher_weights: expected {len(members)} positive numbers (one per teacher), "
+                                 f"found {weights}.")
+        sizes = {m.vocab_size for m in members}
+        if len(sizes) != 1:
+            raise LmdistillError(f"the ensemble's teachers compare different vocabularies ({sorted(sizes)} tokens); "
+                                 "they must share the student's tokenizer.")
+        for m in members:
+            if m.k is not None and m.k < m.vocab_size:
+                raise LmdistillError(f"{m.name} holds only its top {m.k} tokens per position: an ensemble needs every "
+                                     "logit of each member (cache the whole vocabulary with `cache-teacher --top_k "
+                                     f"{m.vocab_size}`).")
+        total = sum(weights)
+        self._members, self.weights, self.mode = members, [w / total for w in weights], mode
+        self.vocab_size, self.name = members[0].vocab_size, "ensemble"
+        self.offline = any(m.offline for m in members)
+
+    def score(self, batch: dict) -> EnsembleScores:
+        return EnsembleScores([m.score(batch) for m in self._members], self.weights, self.mode)
+
+    def members(self) -> list[Teacher]:
+        return list(self._members)
+
+    def check_examples(self, examples) -> None:
+        for m in self._members:
+            m.check_examples(examples)
+
+    def prepare(self, prepare_model) -> None:
+        for m in self._members:
+            m.prepare(prepare_model)
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{m.name} x {w:.3g}" for m, w in zip(self._members, self.weights))
+        return f"ensemble of {len(self._members)} ({self.mode}): {parts}"
