@@ -19,7 +19,7 @@ def _train(step: int, kd: bool) -> dict:
     ce = 2.0 + 3.0 * math.exp(-step / 30) + 0.01 * (step % 3)
     kd_loss = 1.0 + 2.0 * math.exp(-step / 25) if kd else None
     return {"type": "train", "step": step, "loss": 0.5 * ce + 0.5 * kd_loss if kd else ce, "kd_loss": kd_loss,
-            "ce_loss": ce, "aux_loss": 0.0, "lr": 1e-3 * (1 - step / 200), "grad_norm": 1.0,
+            "ce_loss": ce, "lr": 1e-3 * (1 - step / 200), "grad_norm": 1.0,
             "tokens_per_sec": 1500.0 + 37.0 * (step % 4) - (400 if kd else 0), "trained_tokens": 900,
             "tokens": 1024, "epoch": step / 50}
 
@@ -88,7 +88,7 @@ def test_summary_takes_last_values_and_mean_throughput(runs):
     speeds = [r["tokens_per_sec"] for r in kd["train"]]
     assert s["tokens_per_sec"] == pytest.approx(sum(speeds) / len(speeds))
     assert s["eval"]["agreement"] == kd["eval"][-1]["agreement"]
-    assert summarize(runs["ce_run"])["kd_loss"] is None
+    assert summarize(runs["ce_run"]).get("kd_loss") is None
 
 
 @pytest.mark.parametrize("bad, found", [
@@ -261,3 +261,20 @@ def test_bars_show_percent_with_interval_error_bars():
     assert {t.get_text() for t in acc.texts} == {"82.5%", "28.3%"}
     assert not [c for c in ppl.containers if isinstance(c, ErrorbarContainer)] and "%" not in ppl.get_title()
     assert [p.get_height() for p in ppl.patches] == pytest.approx([3.1, 7.0])
+
+
+def test_a_new_named_loss_term_shows_without_edits(tmp_path):
+    """Whatever terms an objective logs (`NAME_loss`) reach the summary table and the loss plot's legend."""
+    from lmdistill.report.markdown import summary_table
+    from lmdistill.report.plots import loss_figure
+
+    path = write_run(tmp_path / "hidden_run", kd=True)
+    rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        if r["type"] == "train":
+            r["hidden_loss"] = 0.1 + 1.0 / r["step"]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = {"hidden_run": read_metrics(path)}
+    assert "final hidden" in summary_table(runs).splitlines()[0]
+    legends = [t.get_text() for legend in loss_figure(runs).legends for t in legend.get_texts()]
+    assert "hidden part" in legends and "KD part" in legends

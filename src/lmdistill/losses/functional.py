@@ -14,7 +14,7 @@ of `[tokens, vocab]` logits per model exists at a time and nothing is recomputed
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -36,16 +36,25 @@ CPU_TILE_BYTES = 1 * 2**20
 
 @dataclass
 class LossParts:
-    """A loss with its parts: `loss` (differentiable), the KD and CE sums over trained positions (unscaled by
-    alpha and T^2, for logging) and the number of trained positions."""
+    """A loss with its named terms: `loss` (differentiable), `terms` {name: sum over the trained positions}
+    (unscaled by alpha and T^2, for logging: "ce", and "kd" when a teacher is involved) and the number of
+    trained positions. A training loop divides each term once by its global token count; new terms (a
+    hidden-state loss, a per-teacher KL) are new names, shown by the metrics and the report without edits."""
 
     loss: Tensor | None = None
-    kd_sum: float = 0.0
-    ce_sum: float = 0.0
+    terms: dict[str, float] = field(default_factory=dict)
     n_tokens: int = 0
 
-    def record(self, kd: Tensor, ce: Tensor, n: int) -> None:
-        self.kd_sum, self.ce_sum, self.n_tokens = kd.item(), ce.item(), n
+    def record(self, n: int, **terms: Tensor) -> None:
+        self.terms, self.n_tokens = {k: v.item() for k, v in terms.items()}, n
+
+    @property
+    def kd_sum(self) -> float:
+        return self.terms.get("kd", 0.0)
+
+    @property
+    def ce_sum(self) -> float:
+        return self.terms.get("ce", 0.0)
 
 
 def _trained_rows(labels: Tensor, ignore_index: int) -> Tensor:
@@ -93,7 +102,7 @@ class _LogitsKD(torch.autograd.Function):
             kd, ce = kd + kd_c, ce + ce_c
         ctx.save_for_backward(grad, rows)
         ctx.shape = zs.shape
-        parts.record(kd, ce, len(rows))
+        parts.record(len(rows), kd=kd, ce=ce)
         return _combine(kd, ce, cfg, weight)
 
     @staticmethod
@@ -208,7 +217,7 @@ class _FusedKD(torch.autograd.Function):
         grads = (full_dh, full_dW, full_db)
         ctx.present = [g is not None for g in grads]
         ctx.save_for_backward(*(g for g in grads if g is not None))
-        parts.record(kd, ce, len(rows))
+        parts.record(len(rows), ce=ce, **({} if scores is None else {"kd": kd}))
         return _combine(kd, ce, cfg, weight)
 
     @staticmethod

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lmdistill.report.plots import plot_runs
-from lmdistill.report.runs import Metrics, eval_metric_names, format_value, summarize
+from lmdistill.report.runs import Metrics, eval_metric_names, format_value, summarize, term_names
 
 EVAL_COLUMNS = {"ce": "eval CE", "ppl": "ppl", "bits_per_byte": "bits/byte", "kl_to_teacher": "KL to teacher",
                 "agreement": "agreement"}
@@ -36,12 +36,15 @@ def _table(header: Sequence[str], rows: list[Sequence[str]]) -> str:
 def summary_table(runs: dict[str, Metrics]) -> str:
     """Per run: last train step, final loss/CE/KD, mean tokens/s, and the metrics of its last evaluation."""
     evals = eval_metric_names(runs)
-    header = ["run", "steps", "final loss", "final CE", "final KD", "mean tokens/s"]
+    terms = term_names(runs)
+    header = ["run", "steps", "final loss", *(f"final {t.upper() if len(t) <= 3 else t}" for t in terms),
+              "mean tokens/s"]
     header += [EVAL_COLUMNS.get(k, k) for k in evals]
     rows = []
     for label, m in runs.items():
         s = summarize(m)
-        row = [label] + [format_value(s[k]) for k in ("steps", "loss", "ce_loss", "kd_loss", "tokens_per_sec")]
+        keys = ("steps", "loss", *(f"{t}_loss" for t in terms), "tokens_per_sec")
+        row = [label] + [format_value(s.get(k)) for k in keys]
         rows.append(row + [format_value(s["eval"].get(k)) for k in evals])
     return _table(header, rows)
 

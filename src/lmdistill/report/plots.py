@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from lmdistill.errors import LmdistillError
-from lmdistill.report.runs import Metrics, eval_metric_names, has_kd, is_number, series
+from lmdistill.report.runs import Metrics, eval_metric_names, has_kd, is_number, series, term_names
 
 # Pretty names and which way is better, for titles.
 METRIC_LABELS = {
@@ -27,7 +27,16 @@ METRIC_LABELS = {
     "accuracy": "exact match ↑",
 }
 _STYLES = {"loss": ("-", "total"), "ce_loss": ("--", "CE part"), "kd_loss": (":", "KD part")}
+_MORE_STYLES = ("-.", (0, (1, 1)), (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))  # other named terms (aux, hidden, ...)
 Colours = dict[str, str]  # run or model label -> a matplotlib colour
+
+
+def _style(key: str) -> tuple:
+    """Line style and legend name of a loss curve: total, CE part, KD part, then any other named term."""
+    if key in _STYLES:
+        return _STYLES[key]
+    term = key.removesuffix("_loss")
+    return _MORE_STYLES[sum(map(ord, term)) % len(_MORE_STYLES)], f"{term} part"
 
 
 def _figure(nrows: int = 1, ncols: int = 1, width: float = 7.5, height: float = 4.5):
@@ -76,25 +85,26 @@ def loss_figure(runs: dict[str, Metrics], title: str = "training loss", colours:
     drawn, hidden = set(), {}  # parts drawn; part -> runs where it equals the total
     for (label, m), colour in zip(runs.items(), _colours(list(runs), colours)):
         total = series(m["train"], "loss")
-        for key in ("loss", "ce_loss", "kd_loss") if has_kd(m) else ("loss",):
+        for key in ("loss", *(f"{t}_loss" for t in term_names(m))) if has_kd(m) else ("loss",):
             steps, values = total if key == "loss" else series(m["train"], key)
             if not steps:
                 continue
             if key != "loss" and _same_curve((steps, values), total):
                 hidden.setdefault(key, []).append(label)
                 continue
-            ax.plot(steps, values, _STYLES[key][0], color=colour, lw=1.4 if key == "loss" else 1.1,
-                    label=f"{label}: {_STYLES[key][1]}")
+            ax.plot(steps, values, ls=_style(key)[0], color=colour, lw=1.4 if key == "loss" else 1.1,
+                    label=f"{label}: {_style(key)[1]}")
             drawn.add(key)
     fig.legend(_run_handles(runs, colours), list(runs), title="run", loc="outside right upper")
     if drawn - {"loss"} or hidden:
-        keys = [k for k in _STYLES if k in drawn]
-        names = [_STYLES[k][1] for k in keys]
-        same = [_STYLES[k][1] + (f" of {', '.join(hidden[k])}" if k in drawn else "")  # runs, if others draw it
-                for k in _STYLES if k in hidden]
+        order = [*_STYLES, *sorted((drawn | set(hidden)) - set(_STYLES))]
+        keys = [k for k in order if k in drawn]
+        names = [_style(k)[1] for k in keys]
+        same = [_style(k)[1] + (f" of {', '.join(hidden[k])}" if k in drawn else "")  # runs, if others draw it
+                for k in order if k in hidden]
         if same and "loss" in keys:
             names[keys.index("loss")] += f" (= {', '.join(same)})"
-        fig.legend([Line2D([], [], color="0.3", ls=_STYLES[k][0]) for k in keys], names, title="part",
+        fig.legend([Line2D([], [], color="0.3", ls=_style(k)[0]) for k in keys], names, title="part",
                    loc="outside right lower")
     _decorate(ax, title, "loss")
     return fig

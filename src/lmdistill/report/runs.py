@@ -130,6 +130,16 @@ def eval_metric_names(runs: dict[str, Metrics]) -> list[str]:
     return [k for k in EVAL_ORDER if k in names] + sorted(names - set(EVAL_ORDER))
 
 
+def term_names(runs: dict[str, Metrics] | Metrics) -> list[str]:
+    """Named loss terms logged by any run (`kd_loss`, `ce_loss`, `aux_loss`, ... -> kd, ce, aux, ...), in the
+    training log's order; whatever terms an objective has appear without edits here."""
+    from lmdistill.train.metrics import loss_terms
+
+    many = runs.values() if "train" not in runs else [runs]
+    found = {t: 0.0 for m in many for r in m["train"] for t in loss_terms({k: v for k, v in r.items() if is_number(v)})}
+    return loss_terms({f"{t}_loss": 0.0 for t in found})
+
+
 def has_kd(metrics: Metrics) -> bool:
     """Whether the run logged a distillation term (CE-only runs log `kd_loss: null`)."""
     return any(is_number(r.get("kd_loss")) for r in metrics["train"])
@@ -144,8 +154,7 @@ def summarize(metrics: Metrics) -> dict[str, Any]:
     return {
         "steps": max((r["step"] for r in train), default=None),
         "loss": last("loss"),
-        "ce_loss": last("ce_loss"),
-        "kd_loss": last("kd_loss"),
+        **{f"{t}_loss": last(f"{t}_loss") for t in term_names(metrics)},
         "tokens_per_sec": sum(speeds) / len(speeds) if speeds else None,
         "eval": {k: float(v) for k, v in last_eval.items() if k not in _NOT_EVAL_METRICS and is_number(v)},
     }

@@ -162,11 +162,13 @@ class Trainer:
         return temperature_at(self.step, self.total_steps, a.temperature, a.temperature_end, a.temperature_schedule)
 
     def accumulate(self, batches: list[dict]) -> dict:
-        """Backward over the step's micro-batches; gradients = d(sum of losses)/d theta / N_trained(step)."""
+        """Backward over the step's micro-batches; gradients = d(sum of losses)/d theta / N_trained(step).
+        Returns the step's metrics: `loss`, one `NAME_loss` per named term of the objective (kd, ce, aux, ...)
+        divided by the global trained-token count, token counts and the temperature."""
         n_local = sum(int((shift_labels(b["labels"]) != -100).sum()) for b in batches)
         n_global = int(self._sum(n_local))
         scale = self.world / max(n_global, 1)  # DDP averages gradients over ranks; we want the global sum
-        sums = torch.zeros(4, dtype=torch.float64)  # kd, ce, aux, objective
+        objective, terms = 0.0, {}
         for m, b in enumerate(batches):
             sync = m == len(batches) - 1
             with (nullcontext() if sync else self.acc.no_sync(self.model)), self.acc.autocast():
@@ -175,14 +177,18 @@ class Trainer:
                 if aux is not None:
                     total = total + aux / len(batches)
                 self.acc.backward(total)
-            sums += torch.tensor([parts.kd_sum, parts.ce_sum, 0.0 if aux is None else aux.item() / len(batches),
-                                  parts.loss.item()], dtype=torch.float64)
+            objective += parts.loss.item()
+            for name, value in parts.terms.items():
+                terms[name] = terms.get(name, 0.0) + value
+            if aux is not None:  # a per-micro-batch mean, not a sum over tokens
+                terms["aux"] = terms.get("aux", 0.0) + aux.item() / len(batches) * max(n_global, 1) / self.world
+        names = sorted(terms)  # the same on every rank: fixed by the objective, not by the data
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        g = self._sum(torch.cat([sums, torch.tensor([tokens], dtype=torch.float64)]))
+        g = self._sum(torch.tensor([objective, tokens, *(terms[k] for k in names)], dtype=torch.float64))
         n = max(n_global, 1)
-        return {"loss": g[3].item() / n, "kd_loss": g[0].item() / n if self.distilling else None,
-                "ce_loss": g[1].item() / n, "aux_loss": g[2].item() / self.world, "trained_tokens": n_global,
-                "tokens": int(g[4].item()), **({"temperature": self.temperature()} if self.distilling else {})}
+        stats = {"loss": g[0].item() / n, **{f"{k}_loss": v.item() / n for k, v in zip(names, g[2:])},
+                 "trained_tokens": n_global, "tokens": int(g[1].item())}
+        return {**stats, **({"temperature": self.temperature()} if self.distilling else {})}
 
     def _sum(self, x):
         t = torch.as_tensor(x, dtype=torch.float64, device=self.acc.device)

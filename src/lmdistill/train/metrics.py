@@ -13,6 +13,15 @@ from pathlib import Path
 from lmdistill.progress import Rate, bar, format_eta, interactive
 
 
+FIRST_TERMS = ("kd", "ce")  # shown first; any other named term of the objective follows in name order
+
+
+def loss_terms(record: dict) -> list[str]:
+    """The named loss terms of a logged step (`kd_loss`, `ce_loss`, `aux_loss`, ... -> kd, ce, aux, ...)."""
+    names = [k[: -len("_loss")] for k, v in record.items() if k.endswith("_loss") and v is not None]
+    return sorted(names, key=lambda t: (FIRST_TERMS.index(t) if t in FIRST_TERMS else len(FIRST_TERMS), t))
+
+
 class MetricsLogger:
     """Writes metrics on the main process only; every method is a no-op elsewhere."""
 
@@ -44,8 +53,9 @@ class MetricsLogger:
 
     def _line(self, step: int, r: dict) -> str:
         parts = f"loss {r['loss']:.4f}"
-        if r.get("kd_loss") is not None:
-            parts += f" (kd {r['kd_loss']:.4f}, ce {r['ce_loss']:.4f})"
+        terms = loss_terms(r)
+        if terms and terms != ["ce"]:  # a lone CE term is the loss itself
+            parts += " (" + ", ".join(f"{t} {r[t + '_loss']:.4f}" for t in terms) + ")"
         return (f"step {step}/{self.total}  {parts}  lr {r['lr']:.2e}  {r['tokens_per_sec']:.0f} tok/s  "
                 f"ETA {format_eta(self.rate.eta(self.total))}")
 
