@@ -51,8 +51,7 @@ def worker(args_json: str) -> dict:
     times, tokens = [], []
     for step in range(cfg["steps"]):
         t0 = time.perf_counter()
-        stats = trainer.accumulate(trainer.micro_batches(step))
-        trainer.optimizer_step()
+        stats = trainer.step()
         times.append(time.perf_counter() - t0)
         tokens.append(stats["tokens"])
     return {"step_seconds": times, "median_step_seconds": statistics.median(times[1:]),

@@ -11,8 +11,8 @@ alpha 0, fp32, batch 8; the same models (teacher: its preset built with seed 0 a
 student: its preset built after `set_seed(0)`, in the order `lmdistill distill` uses), the same data
 (tinyshakespeare packed into blocks by `lmdistill.data.load_examples`, batches in the Trainer's seeded order),
 AdamW lr 1e-4, weight decay 0.01, grad-norm clip 1.0. Implementations, each in its own process:
-  lmdistill  lmdistill.train.loop.Trainer, options parsed as the CLI parses them; accumulate(micro_batches(step))
-             + optimizer_step()
+  lmdistill  lmdistill.train.loop.Trainer, options parsed as the CLI parses them; step() (one optimizer
+             step)
   minimind   student(ids).logits, teacher(ids).logits under no_grad, F.kl_div(log_softmax, softmax, batchmean)
              on the trained positions, backward, clip, AdamW (MiniMind's train_distillation.py at alpha 0)
   trl        trl.experimental.gkd.GKDTrainer: lmbda=0 (off-policy), beta=0 (forward KL), temperature=1, seq_kd=False,
@@ -156,11 +156,10 @@ def run_lmdistill(pair, steps, teacher_dir, tmp, session):
     trainer = Trainer(cli_args(teacher_dir, student, seq_len, steps, str(Path(tmp) / "lmdistill")))
     trainer.model.train()
     session.ready(trainer.teacher.model, trainer.acc.unwrap_model(trainer.model),
-                  [trainer.examples[trainer.stream[i]] for i in range(BATCH)])
+                  [trainer.examples[trainer.source.stream[i]] for i in range(BATCH)])
     for step in range(steps):
         session.begin()
-        stats = trainer.accumulate(trainer.micro_batches(step))
-        trainer.optimizer_step()
+        stats = trainer.step()
         session.end(stats["tokens"], stats["kd_loss"])
 
 

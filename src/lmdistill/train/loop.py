@@ -35,6 +35,7 @@ from lmdistill.losses import fused_cross_entropy_parts, fused_teacher_distillati
 from lmdistill.models import forward_hidden, lm_head_of
 from lmdistill.models.hidden import full_weights
 from lmdistill.train import preflight
+from lmdistill.train.batches import DatasetStream
 from lmdistill.train import state as ckpt
 from lmdistill.train.metrics import MetricsLogger
 from lmdistill.train.setup import build
@@ -84,19 +85,6 @@ def temperature_at(step: int, total: int, start: float, end: float | None, sched
     return start + (end - start) * progress
 
 
-class ExampleStream:
-    """Example index i of the endless stream: epoch e = i // n is a permutation seeded by seed + e."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self._perms = n, seed, {}
-
-    def __getitem__(self, i: int) -> int:
-        epoch = i // self.n
-        if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
-        return int(self._perms[epoch][i % self.n])
-
-
 class Trainer:
     def __init__(self, args):
         from accelerate.utils import set_seed
@@ -119,8 +107,9 @@ class Trainer:
         self.model, self.optimizer = self.acc.prepare(s.student, optimizer)
         if self.teacher is not None and self.acc.distributed_type == DistributedType.FSDP:
             self.teacher.prepare(self.acc.prepare_model)  # sharded too; stays frozen in eval mode
-        self.stream = ExampleStream(len(self.examples), args.seed)
-        self.step, self.stop_signal = 0, None
+        self.source = DatasetStream(self.examples, self.tokenizer.pad_token_id, args.batch_size,
+                                    args.accumulation_steps, args.seed, self.world, self.rank, self.acc.device)
+        self.global_step, self.stop_signal = 0, None
         self._check_head()
 
     def _check_head(self) -> None:
@@ -131,17 +120,8 @@ class Trainer:
 
     # -- one optimizer step ------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list[dict]:
-        """This process's micro-batches of `step`: examples [(m * world + rank) * bs, ...) of the step."""
-        bs, base = self.args.batch_size, step * self.per_step
-        out = []
-        for m in range(self.args.accumulation_steps):
-            first = base + (m * self.world + self.rank) * bs
-            indices = [self.stream[i] for i in range(first, first + bs)]
-            from lmdistill.data import pad_batch
-
-            padded = pad_batch([self.examples[i] for i in indices], self.tokenizer.pad_token_id)
-            out.append({**{k: v.to(self.acc.device) for k, v in padded.items()}, "example_index": indices})
-        return out
+        """This process's micro-batches of `step`, from the batch source."""
+        return self.source.batches(step)
 
     def micro_loss(self, batch: dict):
         """Summed loss of one micro-batch (LossParts, reduction "sum") and the MoE aux loss or None."""
@@ -159,7 +139,7 @@ class Trainer:
 
     def temperature(self) -> float:
         a = self.args
-        return temperature_at(self.step, self.total_steps, a.temperature, a.temperature_end, a.temperature_schedule)
+        return temperature_at(self.global_step, self.total_steps, a.temperature, a.temperature_end, a.temperature_schedule)
 
     def accumulate(self, batches: list[dict]) -> dict:
         """Backward over the step's micro-batches; gradients = d(sum of losses)/d theta / N_trained(step).
@@ -203,15 +183,32 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
+    def step(self) -> dict:
+        """One optimizer step: the batch source's micro-batches, backward, clip, update; returns its metrics.
+        A NaN/inf loss raises before the update, naming the step and the last good checkpoint."""
+        t0 = time.perf_counter()
+        stats = self.accumulate(self.micro_batches(self.global_step))
+        if not math.isfinite(stats["loss"]):
+            last = ckpt.list_checkpoints(self.out)
+            raise LmdistillError(f"step {self.global_step + 1}: the loss is {stats['loss']}; stopping before the "
+                                 f"optimizer step. Last good checkpoint: {last[-1] if last else 'none'}. Lower "
+                                 "--learning_rate or check the data.")
+        lr = self.scheduler.get_last_lr()[0]
+        stats["grad_norm"] = self.optimizer_step()
+        self.global_step += 1
+        stats.update(step=self.global_step, lr=lr, epoch=self.global_step * self.per_step / len(self.examples),
+                     tokens_per_sec=stats["tokens"] / (time.perf_counter() - t0))
+        return stats
+
     # -- checkpoints -------------------------------------------------------------------------------
     def training_state(self) -> dict:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        return {"step": self.global_step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": ckpt.rng_state(), "config": vars(self.args)}
 
     def save_checkpoint(self) -> Path | None:
         path = None
         if self.acc.is_main_process:
-            path = ckpt.save_checkpoint(self.out, self.step, self.acc.unwrap_model(self.model), self.tokenizer,
+            path = ckpt.save_checkpoint(self.out, self.global_step, self.acc.unwrap_model(self.model), self.tokenizer,
                                         self.training_state(), self.args.keep_checkpoints)
         self.acc.wait_for_everyone()
         return path
@@ -222,10 +219,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
-        self.step = state["step"]
+        self.global_step = state["step"]
         if self.acc.is_main_process:
-            _truncate_metrics(self.out / "metrics.jsonl", self.step)
-            print(f"resumed from {folder} at step {self.step}")
+            _truncate_metrics(self.out / "metrics.jsonl", self.global_step)
+            print(f"resumed from {folder} at step {self.global_step}")
 
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> int:
@@ -239,33 +236,23 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process and a.report_to != "none" or a.use_wandb:
             self.acc.init_trackers(a.wandb_project, config={k: v for k, v in vars(a).items() if v is not None})
-        log = MetricsLogger(self.out, self.total_steps, self.step, self.acc.is_main_process, self.acc,
+        log = MetricsLogger(self.out, self.total_steps, self.global_step, self.acc.is_main_process, self.acc,
                             trackers=a.report_to != "none" or a.use_wandb)
         previous_handlers = self._install_signal_handlers()
         self.model.train()
         try:
-            while self.step < self.total_steps:
-                t0 = time.perf_counter()
-                stats = self.accumulate(self.micro_batches(self.step))
-                if not math.isfinite(stats["loss"]):
-                    last = ckpt.list_checkpoints(self.out)
-                    raise LmdistillError(f"step {self.step + 1}: the loss is {stats['loss']}; stopping before the "
-                                         f"optimizer step. Last good checkpoint: {last[-1] if last else 'none'}. "
-                                         "Lower --learning_rate or check the data.")
-                lr = self.scheduler.get_last_lr()[0]
-                stats["grad_norm"] = self.optimizer_step()
-                self.step += 1
-                stats.update(step=self.step, lr=lr, epoch=self.step * self.per_step / len(self.examples),
-                             tokens_per_sec=stats["tokens"] / (time.perf_counter() - t0))
-                log.step(self.step, stats, log=self.step % max(a.log_interval, 1) == 0 or self.step in (1, self.total_steps))
+            while self.global_step < self.total_steps:
+                stats = self.step()
+                done = self.global_step
+                log.step(done, stats, log=done % max(a.log_interval, 1) == 0 or done in (1, self.total_steps))
                 if self._eval_due():
-                    log.eval(self.step, self.evaluate())
-                if a.save_interval and self.step % a.save_interval == 0 and self.step < self.total_steps:
+                    log.eval(self.global_step, self.evaluate())
+                if a.save_interval and done % a.save_interval == 0 and done < self.total_steps:
                     self.save_checkpoint()
-                _debug_hooks(self.step)
+                _debug_hooks(self.global_step)
                 if self._stop_requested():
                     path = self.save_checkpoint()
-                    log.message(f"stopped by {self.stop_signal} after step {self.step} of {self.total_steps}; saved "
+                    log.message(f"stopped by {self.stop_signal} after step {self.global_step} of {self.total_steps}; saved "
                                 f"{path}. Resume with the same command plus --resume.")
                     return 128 + int(getattr(signal, self.stop_signal or "SIGINT"))  # 130 / 143: the run is unfinished
             self.finish()
@@ -278,7 +265,7 @@ class Trainer:
     def _eval_due(self) -> bool:
         a = self.args
         return self.eval_examples is not None and (
-            self.step == self.total_steps or (a.eval_interval and self.step % a.eval_interval == 0))
+            self.global_step == self.total_steps or (a.eval_interval and self.global_step % a.eval_interval == 0))
 
     def evaluate(self) -> dict:
         result = {}
