@@ -137,8 +137,8 @@ def _key_to_action(parser: argparse.ArgumentParser) -> dict[str, argparse.Action
 
 def _yaml_value(action: argparse.Action, key: str, value: Any, where: str) -> Any:
     """A YAML value through the option's own type and choices, so a recipe is checked like a flag."""
-    if action.nargs == 0:  # store_true flags
-        if not isinstance(value, bool):
+    if action.nargs == 0:  # store_true flags (None: a switch whose default is "unset")
+        if not isinstance(value, bool) and not (value is None and action.default is None):
             raise LmdistillError(f"{where}: '{key}' is a switch; expected true or false, found {value!r}.")
         return value
     if isinstance(action, Repeated) and value is not None and not isinstance(value, list):
@@ -173,15 +173,21 @@ def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
             f"{path}: expected a mapping of option names to values at the top level, found {type(data).__name__}."
         )
     lines = {k.value: k.start_mark.line + 1 for k, _ in root.value} if root is not None else {}
+    return check_values(parser, data, lambda key: f"{path}:{lines.get(key, '?')}")
+
+
+def check_values(parser: argparse.ArgumentParser, data: dict[str, Any], where) -> dict[str, Any]:
+    """`{option name or alias: value}` (a recipe, a Python config) -> `{dest: value}`, each value through its
+    option's type, range and choices like a flag; `where(key)` names the place for errors (file:line, Class.key)."""
     table = _key_to_action(parser)
     values: dict[str, Any] = {}
     for key, value in data.items():
         action = table.get(str(key))
-        where = f"{path}:{lines.get(str(key), '?')}"
         if action is None:
-            raise LmdistillError(f"{where}: unknown key '{key}' for this command{closest(str(key), list(table))}. "
-                                 f"Valid keys: {', '.join(sorted({a.dest for a in table.values()}))}.")
-        values[action.dest] = _yaml_value(action, str(key), value, where)
+            raise LmdistillError(f"{where(str(key))}: unknown key '{key}' for this command"
+                                 f"{closest(str(key), list(table))}. Valid keys: "
+                                 f"{', '.join(sorted({a.dest for a in table.values()}))}.")
+        values[action.dest] = _yaml_value(action, str(key), value, where(str(key)))
     return values
 
 
