@@ -156,3 +156,33 @@ def test_cache_progress_is_plain_lines_off_a_terminal(tiny_teacher_dir, tiny_cha
     assert f"{positions:,} positions" in lines[-1]
     done = [int(ln.split()[1].split("/")[0]) for ln in lines]
     assert done == sorted(done) and done[0] < 40
+
+
+def test_a_cached_run_reports_kl_on_eval_data_cached_with_it(tiny_teacher_dir, tiny_chat, tiny_corpus, tmp_path,
+                                                             capsys):
+    """`cache-teacher --eval_data` caches the held-out examples too; a run from that cache logs KL/agreement like
+    the online teacher at the same top_k (the whole vocabulary here, so exactly the online numbers)."""
+    from lmdistill.tokenizer import load_tokenizer
+
+    vocab = len(load_tokenizer(tiny_teacher_dir))
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"text": line}) + "\n" for line in tiny_corpus.read_text().splitlines()[:30]))
+    cache = tmp_path / "cache"
+    assert _cache(tiny_teacher_dir, tiny_chat, cache, "--eval_data", heldout, "--top_k", vocab) == 0
+    assert (cache / "eval" / "cache.json").is_file()
+    evals = {}
+    for name, teacher in (("cached", ["--teacher_cache", cache]), ("online", ["--teacher", tiny_teacher_dir])):
+        out = tmp_path / name
+        assert main(["distill", *_distill_argv(tiny_chat, out, *teacher), "--max_steps", "1", "--eval_data", heldout,
+                     "--eval_batches", "3"]) == 0
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        evals[name] = [r for r in rows if r["type"] == "eval"][-1]
+    assert evals["cached"]["kl_to_teacher"] == pytest.approx(evals["online"]["kl_to_teacher"], rel=1e-4)
+    assert evals["cached"]["agreement"] == evals["online"]["agreement"]
+    # without the held-out part, the run says why it reports no KL
+    bare = tmp_path / "bare_cache"
+    assert _cache(tiny_teacher_dir, tiny_chat, bare) == 0
+    capsys.readouterr()
+    assert main(["distill", *_distill_argv(tiny_chat, tmp_path / "bare", "--teacher_cache", bare), "--max_steps", "1",
+                 "--eval_data", heldout]) == 0
+    assert "holds no scores for --eval_data" in capsys.readouterr().out

@@ -76,7 +76,7 @@ def build_parser(command: str) -> Parser:
 
 def parse_args(command: str, argv: Sequence[str]):
     """Options of `lmdistill COMMAND argv...` as the CLI parses them (recipe, types, ranges), for Python callers."""
-    args = parse_command_args(build_parser(command), argv)
+    args = parse_command_args(build_parser(command), [str(a) for a in argv])  # paths welcome from Python
     args.command = command
     return args
 

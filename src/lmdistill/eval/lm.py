@@ -69,6 +69,7 @@ def evaluate_lm(model, examples: Sequence[dict], tokenizer, teacher=None, batch_
         batch_ex = examples[start : start + batch_size]
         used.extend(batch_ex)
         batch = {k: v.to(device) for k, v in pad_batch(batch_ex, tokenizer.pad_token_id).items()}
+        batch["example_index"] = list(range(start, start + len(batch_ex)))  # for teachers that read caches
         ys = shift_labels(batch["labels"]).reshape(-1)
         positions = (ys != -100).nonzero().squeeze(1)
         h = forward_hidden(model, batch["input_ids"], batch["attention_mask"]).hidden.reshape(-1, head.weight.shape[1])

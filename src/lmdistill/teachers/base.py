@@ -36,6 +36,11 @@ class Teacher:
     def check_examples(self, examples) -> None:
         """Refuse examples it cannot score (an offline teacher: others than it was built from)."""
 
+    def for_eval(self, examples) -> "Teacher | None":
+        """A teacher that scores these held-out examples (by `example_index` into them): itself for a teacher that
+        scores any text; an offline one's held-out part, or None when it has none for them."""
+        return None if self.offline else self
+
     def prepare(self, prepare_model: Callable) -> None:
         """Let the launcher wrap its models (FSDP sharding); a teacher without a model ignores it."""
 

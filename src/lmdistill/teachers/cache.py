@@ -38,6 +38,7 @@ from lmdistill.teachers.base import Teacher
 FORMAT = "lmdistill-teacher-cache"
 VERSION = 1
 META_FILE, INDEX_FILE = "cache.json", "index.safetensors"
+EVAL_DIR = "eval"  # an optional second cache of held-out examples (`cache-teacher --eval_data`)
 SHARD_POSITIONS = 1 << 18  # positions per shard file (~130 MB at k = 64)
 LOGIT_CHUNK_BYTES = 128 * 2**20  # fp32 [rows, vocab] logits computed at once
 
@@ -183,6 +184,18 @@ class CachedTeacher(Teacher):
     def check_examples(self, examples) -> None:
         self.cache.check_examples(examples)
 
+    def for_eval(self, examples) -> Teacher | None:
+        """The cache's held-out part (`cache-teacher --eval_data`) when it holds exactly these examples."""
+        folder = self.cache.folder / EVAL_DIR
+        if not (folder / META_FILE).is_file():
+            return None
+        teacher = CachedTeacher(TeacherCache(folder), self.top_k, name=f"{self.name} (eval)")
+        try:
+            teacher.check_examples(examples)
+        except LmdistillError:
+            return None
+        return teacher
+
 
 # -- building ----------------------------------------------------------------------------------------------
 def _topk_rows(scores: TeacherScores, positions: Tensor, k: int, vocab: int):
@@ -203,15 +216,13 @@ def _topk_rows(scores: TeacherScores, positions: Tensor, k: int, vocab: int):
 
 def build_cache(teacher, tokenizer, examples: Sequence[dict], output_dir: str | Path, top_k: int, *,
                 meta: dict[str, Any], batch_size: int = 8, device: str | torch.device = "cpu",
-                vocab_size: int | None = None, progress: bool = True) -> Path:
+                vocab_size: int | None = None, progress: bool = True,
+                eval_examples: Sequence[dict] | None = None) -> Path:
     """Run `teacher` (a Teacher that scores any text, or a frozen HF model) over `examples` and write the cache
-    folder atomically; returns its path.
+    folder atomically; returns its path. With `eval_examples`, a second cache of them goes to `eval/` inside it,
+    so that distillation runs from the cache can report KL and agreement to the teacher on held-out data.
 
     With `progress`, a bar on a terminal and a plain line per tenth of the examples elsewhere (logs, pipes)."""
-    from safetensors.torch import save_file
-
-    from lmdistill.data import pad_batch, shift_labels
-    from lmdistill.progress import Progress
     from lmdistill.teachers.online import OnlineTeacher
 
     out = Path(output_dir)
@@ -226,49 +237,11 @@ def build_cache(teacher, tokenizer, examples: Sequence[dict], output_dir: str | 
         raise LmdistillError(f"--top_k: expected an integer in [1, {vocab}] (the vocabulary), found {top_k}.")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        offsets, prints, shards = [0], [], []
-        buf: dict[str, list[Tensor]] = {"ids": [], "logits": [], "lse": []}
-        first_example = 0
-
-        def flush(upto: int) -> None:
-            nonlocal first_example
-            if not buf["ids"]:
-                return
-            name = f"shard-{len(shards):05d}.safetensors"
-            tensors = {k: torch.cat(v).contiguous() for k, v in buf.items()}
-            save_file(tensors, str(tmp / name))
-            shards.append({"file": name, "first_example": first_example, "examples": upto - first_example,
-                           "positions": tensors["ids"].shape[0]})
-            first_example = upto
-            for v in buf.values():
-                v.clear()
-
-        bar = Progress(len(examples), "cache-teacher", "examples", enabled=progress)
-        with torch.no_grad():
-            for start in range(0, len(examples), batch_size):
-                batch_ex = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
-                batch = {k: v.to(device) for k, v in pad_batch(batch_ex, tokenizer.pad_token_id).items()}
-                positions = (shift_labels(batch["labels"]).reshape(-1) != -100).nonzero().squeeze(1)
-                v, i, lse = _topk_rows(teacher.score(batch), positions, top_k, vocab)
-                buf["logits"].append(v)
-                buf["ids"].append(i)
-                buf["lse"].append(lse)
-                for ex in batch_ex:
-                    offsets.append(offsets[-1] + trained_positions(ex))
-                    prints.append(fingerprint(ex))
-                if sum(t.shape[0] for t in buf["ids"]) >= SHARD_POSITIONS:
-                    flush(start + len(batch_ex))
-                bar.update(len(batch_ex), note=f"{offsets[-1]:,} positions")
-        bar.close()
-        flush(len(examples))
-        save_file({"offsets": torch.tensor(offsets, dtype=torch.int64),
-                   "fingerprint": torch.tensor(prints, dtype=torch.int64)}, str(tmp / INDEX_FILE))
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        info = {"format": FORMAT, "version": VERSION, **meta, "top_k": top_k, "vocab_size": vocab,
-                "examples": len(examples), "positions": offsets[-1], "temperature_of_lse": 1.0, "shards": shards}
-        (tmp / META_FILE).write_text(json.dumps(info, indent=2))
+        options = dict(top_k=top_k, vocab=vocab, batch_size=batch_size, device=device, progress=progress)
+        _write_cache(teacher, tokenizer, examples, tmp, meta=meta, **options)
+        if eval_examples is not None:
+            _write_cache(teacher, tokenizer, eval_examples, tmp / EVAL_DIR, meta={**meta, "part": "eval"}, **options)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
@@ -276,3 +249,55 @@ def build_cache(teacher, tokenizer, examples: Sequence[dict], output_dir: str | 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_cache(teacher: Teacher, tokenizer, examples: Sequence[dict], folder: Path, *, meta: dict[str, Any],
+                 top_k: int, vocab: int, batch_size: int, device, progress: bool) -> None:
+    """The shards, index, tokenizer and cache.json of `examples` in `folder` (not atomic: build_cache is)."""
+    from safetensors.torch import save_file
+
+    from lmdistill.data import pad_batch, shift_labels
+    from lmdistill.progress import Progress
+
+    folder.mkdir(parents=True)
+    offsets, prints, shards = [0], [], []
+    buf: dict[str, list[Tensor]] = {"ids": [], "logits": [], "lse": []}
+    first_example = 0
+
+    def flush(upto: int) -> None:
+        nonlocal first_example
+        if not buf["ids"]:
+            return
+        name = f"shard-{len(shards):05d}.safetensors"
+        tensors = {k: torch.cat(v).contiguous() for k, v in buf.items()}
+        save_file(tensors, str(folder / name))
+        shards.append({"file": name, "first_example": first_example, "examples": upto - first_example,
+                       "positions": tensors["ids"].shape[0]})
+        first_example = upto
+        for v in buf.values():
+            v.clear()
+
+    bar = Progress(len(examples), "cache-teacher", "examples", enabled=progress)
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch_ex = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
+            batch = {k: v.to(device) for k, v in pad_batch(batch_ex, tokenizer.pad_token_id).items()}
+            positions = (shift_labels(batch["labels"]).reshape(-1) != -100).nonzero().squeeze(1)
+            v, i, lse = _topk_rows(teacher.score(batch), positions, top_k, vocab)
+            buf["logits"].append(v)
+            buf["ids"].append(i)
+            buf["lse"].append(lse)
+            for ex in batch_ex:
+                offsets.append(offsets[-1] + trained_positions(ex))
+                prints.append(fingerprint(ex))
+            if sum(t.shape[0] for t in buf["ids"]) >= SHARD_POSITIONS:
+                flush(start + len(batch_ex))
+            bar.update(len(batch_ex), note=f"{offsets[-1]:,} positions")
+    bar.close()
+    flush(len(examples))
+    save_file({"offsets": torch.tensor(offsets, dtype=torch.int64),
+               "fingerprint": torch.tensor(prints, dtype=torch.int64)}, str(folder / INDEX_FILE))
+    tokenizer.save_pretrained(folder / "tokenizer")
+    info = {"format": FORMAT, "version": VERSION, **meta, "top_k": top_k, "vocab_size": vocab,
+            "examples": len(examples), "positions": offsets[-1], "temperature_of_lse": 1.0, "shards": shards}
+    (folder / META_FILE).write_text(json.dumps(info, indent=2))

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--teacher_adapter", default=None, help="LoRA adapter folder merged into the teacher at load")
     a("--tokenizer", default=None, help="tokenizer folder (default: the teacher's); must have the teacher's vocabulary")
     a("--data", "--data_path", dest="data", required=True, help="the data file the students will be trained on")
+    a("--eval_data", default=None,
+      help="held-out data the students will be evaluated on: cached too (in eval/), so distill runs from the cache "
+           "report KL and agreement to the teacher")
     a("--data_format", default="auto", choices=["auto", *FORMATS],
       help="record shape of --data (auto: detected from the first record)")
     a("--skip_bad_records", action="store_true", help="skip malformed records (counted and reported) instead of failing")
@@ -43,6 +46,8 @@ def _preflight(args: argparse.Namespace):
 
     check_device(args.device)
     check_data_path(args.data, "--data")
+    if args.eval_data:
+        check_data_path(args.eval_data, "--eval_data")
     check_model_ref("--teacher", args.teacher)
     out = Path(args.output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -73,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     examples = load_examples(args.data, tokenizer, args.max_seq_len, args.data_format, args.skip_bad_records)
     print(f"data: {examples.stats.summary()}")
+    eval_examples = None
+    if args.eval_data:
+        eval_examples = load_examples(args.eval_data, tokenizer, args.max_seq_len, args.data_format,
+                                      args.skip_bad_records)
+        print(f"eval data: {eval_examples.stats.summary()}")
     teacher = load_teacher(args.teacher, adapter=args.teacher_adapter, dtype=args.teacher_dtype, device=device,
                            tokenizer=tokenizer)
     rows = teacher.get_output_embeddings().weight.shape[0]
@@ -81,14 +91,15 @@ def run(args: argparse.Namespace) -> int:
                              "output rows; the model does not belong to this tokenizer.")
     meta = {"teacher": str(args.teacher), "teacher_adapter": args.teacher_adapter, "teacher_dtype": args.teacher_dtype,
             "data": str(args.data), "data_format": args.data_format, "max_seq_len": args.max_seq_len,
-            "skip_bad_records": args.skip_bad_records}
+            "skip_bad_records": args.skip_bad_records, "eval_data": args.eval_data}
     t0 = time.perf_counter()
     out = build_cache(teacher, tokenizer, examples, args.output_dir, args.top_k, meta=meta, batch_size=args.batch_size,
-                      device=device, vocab_size=len(tokenizer))
+                      device=device, vocab_size=len(tokenizer), eval_examples=eval_examples)
     info = json.loads((out / "cache.json").read_text())
     mb = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 2**20
     print(f"cached the teacher's top-{args.top_k} at {info['positions']} trained positions of {info['examples']} "
           f"examples in {time.perf_counter() - t0:.1f} s: {out} ({mb:.1f} MiB)")
-    print(f"next: lmdistill distill --teacher_cache {out} --student ... --data {args.data} "
+    evals = f" --eval_data {args.eval_data}" if args.eval_data else ""
+    print(f"next: lmdistill distill --teacher_cache {out} --student ... --data {args.data}{evals} "
           f"--max_seq_len {args.max_seq_len} --output_dir ...")
     return 0

@@ -84,6 +84,14 @@ class EnsembleTeacher(Teacher):
         for m in self._members:
             m.check_examples(examples)
 
+    def for_eval(self, examples) -> Teacher | None:
+        members = [m.for_eval(examples) for m in self._members]
+        if any(m is None for m in members):
+            return None
+        ensemble = EnsembleTeacher(members, self.weights, self.mode)
+        ensemble.name = self.name
+        return ensemble
+
     def prepare(self, prepare_model) -> None:
         for m in self._members:
             m.prepare(prepare_model)

@@ -98,6 +98,12 @@ class Trainer:
         self.tokenizer, self.teacher, self.examples, self.eval_examples = (
             s.tokenizer, s.teacher, s.examples, s.eval_examples)
         self.distilling = self.teacher is not None
+        self.eval_teacher = None  # who scores the eval data: the teacher, or a cache's held-out part
+        if self.teacher is not None and self.eval_examples is not None:
+            self.eval_teacher = self.teacher.for_eval(self.eval_examples)
+            if self.eval_teacher is None and self.acc.is_main_process:
+                print("note: the teacher cache holds no scores for --eval_data, so eval reports the student's CE and "
+                      "perplexity but not KL to the teacher (cache them with `cache-teacher --eval_data`).")
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.per_step = args.batch_size * args.accumulation_steps * self.world
         self.total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(self.examples) / self.per_step))
@@ -270,7 +276,7 @@ class Trainer:
     def evaluate(self) -> dict:
         result = {}
         if self.acc.is_main_process:
-            teacher = self.teacher if self.teacher is not None and not self.teacher.offline else None
+            teacher = self.eval_teacher
             result = evaluate_lm(self.acc.unwrap_model(self.model), self.eval_examples, self.tokenizer, teacher,
                                  batch_size=self.args.batch_size, max_batches=self.args.eval_batches,
                                  device=self.acc.device)
