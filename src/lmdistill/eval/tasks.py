@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from lmdistill.data import detect_format, parse_record, read_records, render_prompt
 from lmdistill.data.formats import normalize_format
 from lmdistill.errors import LmdistillError
-from lmdistill.eval.generation import Reply, generate_replies
+from lmdistill.models.generation import Reply, generate_replies
 from lmdistill.eval.scoring import (compile_answer_regex, extract_answer, mean_interval, normalize_answer, rouge_l,
                                     strip_think, wilson_interval)
 
