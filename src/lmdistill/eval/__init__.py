@@ -4,8 +4,8 @@
     evaluate_lm(model, examples, tokenizer, teacher=teacher)            # ce, ppl, bits_per_byte, kl, agreement
     evaluate_task(model, tokenizer, load_task_records("test.jsonl"), task="rouge")   # accuracy + CI, rouge_l
 
-Modules: `lm` (LM metrics), `generation` (batched greedy replies), `scoring` (normalization, Rouge-L,
-intervals; pure Python), `tasks` (exact match / Rouge-L over records), `cli` (`lmdistill eval`).
+Modules: `lm` (LM metrics), `scoring` (normalization, Rouge-L, intervals; pure Python), `tasks` (exact match /
+Rouge-L over records, generating with `lmdistill.models.generation`), `cli` (`lmdistill eval`).
 Names are imported on first use, so `lmdistill eval --help` does not wait for torch.
 """
 
@@ -13,7 +13,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "evaluate_lm": "lm", "shift_labels": "lm",
-    "Reply": "generation", "generate_replies": "generation", "stop_token_ids": "generation",
+    "Reply": "models.generation", "generate_replies": "models.generation", "stop_token_ids": "models.generation",
     "extract_answer": "scoring", "normalize_answer": "scoring", "rouge_l": "scoring", "strip_think": "scoring",
     "wilson_interval": "scoring",
     "TASKS": "tasks", "evaluate_task": "tasks", "load_task_records": "tasks",
@@ -24,7 +24,8 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'lmdistill.eval' has no attribute '{name}'")
-    value = getattr(import_module(f"lmdistill.eval.{_EXPORTS[name]}"), name)
+    module = _EXPORTS[name]
+    value = getattr(import_module(f"lmdistill.{module}" if "." in module else f"lmdistill.eval.{module}"), name)
     globals()[name] = value
     return value
 
