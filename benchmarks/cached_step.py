@@ -34,18 +34,20 @@ PAIRS = {"minimind2->minimind2-small": ("minimind2", "minimind2-small", 128),
 TOP_K, BATCH = 64, 8
 
 
-def argv(student: str, seq_len: int, data: Path, out: Path, teacher: list[str], steps: int) -> list[str]:
-    return [*teacher, "--student", student, "--data", str(data), "--output_dir", str(out), "--max_steps", str(steps),
-            "--batch_size", str(BATCH), "--max_seq_len", str(seq_len), "--top_k", str(TOP_K), "--alpha", "0.0",
-            "--temperature", "1.0", "--dtype", "float32", "--device", "cpu", "--seed", "0", "--learning_rate", "1e-4"]
+def options(student: str, seq_len: int, data: Path, out: Path, teacher: dict, steps: int) -> dict:
+    """`DistillConfig` fields of one run; `teacher` is {"teacher": [DIR]} or {"teacher_cache": [DIR]}."""
+    return {**teacher, "student": student, "data": str(data), "output_dir": str(out), "max_steps": steps,
+            "batch_size": BATCH, "max_seq_len": seq_len, "top_k": TOP_K, "alpha": 0.0, "temperature": 1.0,
+            "dtype": "float32", "device": "cpu", "seed": 0, "learning_rate": 1e-4}
 
 
 def worker(args_json: str) -> dict:
-    from lmdistill.cli import parse_args
+    from lmdistill import DistillConfig
+    from lmdistill.api import to_args
     from lmdistill.train.loop import Trainer
 
     cfg = json.loads(args_json)
-    trainer = Trainer(parse_args("distill", cfg["argv"]))
+    trainer = Trainer(to_args(DistillConfig(**cfg["options"])))
     reset_peak()
     base = rss_mb()
     times, tokens = [], []
@@ -59,8 +61,8 @@ def worker(args_json: str) -> dict:
             "first_step_kd_loss": None, "peak_mb": peak_mb(), "above_baseline_mb": peak_mb() - base}
 
 
-def run_worker(argv_: list[str], steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", json.dumps({"argv": argv_, "steps": steps})]
+def run_worker(options_: dict, steps: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", json.dumps({"options": options_, "steps": steps})]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"worker failed:\n{out.stderr[-3000:]}")
@@ -81,13 +83,14 @@ def main() -> None:
     if not DATA.is_file() or not TOKENIZER.is_dir():
         print(f"skipped: {DATA} or {TOKENIZER} not present")
         return
-    from lmdistill.cli import main as cli
+    from lmdistill import CacheTeacherConfig
+    from lmdistill.api import cache_teacher
     from lmdistill.data import load_examples
     from lmdistill.models import load_model
-    from lmdistill.train.setup import load_tokenizer
+    from lmdistill.tokenizer import load_tokenizer
 
     teacher_preset, student, seq_len = PAIRS[a.pair]
-    tok = load_tokenizer(str(TOKENIZER), "tokenizer")
+    tok = load_tokenizer(str(TOKENIZER))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         blocks = list(load_examples(str(DATA), tok, seq_len))[: a.examples]
@@ -99,14 +102,14 @@ def main() -> None:
         load_model(teacher_preset, tokenizer=tok, dtype="float32", verbose=False).save_pretrained(teacher_dir)
         tok.save_pretrained(teacher_dir)
         t0 = time.perf_counter()
-        assert cli(["cache-teacher", "--teacher", str(teacher_dir), "--data", str(data), "--output_dir",
-                    str(tmp / "cache"), "--max_seq_len", str(seq_len), "--top_k", str(TOP_K), "--device", "cpu"]) == 0
+        cache_teacher(CacheTeacherConfig(teacher=str(teacher_dir), data=str(data), output_dir=str(tmp / "cache"),
+                                         max_seq_len=seq_len, top_k=TOP_K, device="cpu"))
         cache_seconds = time.perf_counter() - t0
         cache_mb = sum(f.stat().st_size for f in (tmp / "cache").iterdir() if f.is_file()) / 2**20
         runs = {}
-        for name, teacher in (("online teacher", ["--teacher", str(teacher_dir)]),
-                              ("teacher cache", ["--teacher_cache", str(tmp / "cache")])):
-            runs[name] = run_worker(argv(student, seq_len, data, tmp / name.replace(" ", "_"), teacher, a.steps),
+        for name, teacher in (("online teacher", {"teacher": [str(teacher_dir)]}),
+                              ("teacher cache", {"teacher_cache": [str(tmp / "cache")]})):
+            runs[name] = run_worker(options(student, seq_len, data, tmp / name.replace(" ", "_"), teacher, a.steps),
                                     a.steps)
             r = runs[name]
             print(f"  {name:15s} {r['tokens_per_sec']:8.0f} tok/s  step {r['median_step_seconds']:.2f} s  "

@@ -78,15 +78,14 @@ def flops_per_token(model, seq_len: int, train: bool) -> float:
 
 
 def cli_args(teacher_dir: str, student: str, seq_len: int, steps: int, out_dir: str):
-    """`lmdistill distill` options, parsed exactly as the CLI parses them."""
-    from lmdistill.cli import parse_args
+    """`lmdistill distill` options through the Python API (the CLI's own declarations and checks)."""
+    from lmdistill import DistillConfig
+    from lmdistill.api import to_args
 
-    argv = ["--teacher", teacher_dir, "--student", student, "--data", str(DATA), "--output_dir", out_dir,
-            "--max_steps", str(steps), "--batch_size", str(BATCH), "--learning_rate", str(LR),
-            "--weight_decay", str(WEIGHT_DECAY), "--grad_clip", str(CLIP), "--max_seq_len", str(seq_len),
-            "--divergence", "forward_kl", "--temperature", "1.0", "--alpha", "0.0", "--dtype", "float32",
-            "--device", "cpu", "--seed", str(SEED)]
-    return parse_args("distill", argv)
+    return to_args(DistillConfig(
+        teacher=[teacher_dir], student=student, data=str(DATA), output_dir=out_dir, max_steps=steps,
+        batch_size=BATCH, learning_rate=LR, weight_decay=WEIGHT_DECAY, grad_clip=CLIP, max_seq_len=seq_len,
+        divergence="forward_kl", temperature=1.0, alpha=0.0, dtype="float32", device="cpu", seed=SEED))
 
 
 def load_pair(teacher_dir: str, student: str, seq_len: int):
@@ -95,10 +94,10 @@ def load_pair(teacher_dir: str, student: str, seq_len: int):
 
     from lmdistill.data import load_examples
     from lmdistill.models import load_model, load_teacher
-    from lmdistill.train.setup import load_tokenizer
+    from lmdistill.tokenizer import load_tokenizer
 
     set_seed(SEED)
-    tok = load_tokenizer(teacher_dir, "teacher")
+    tok = load_tokenizer(teacher_dir, "--teacher")
     teacher = load_teacher(teacher_dir, dtype="float32", tokenizer=tok, verbose=False)
     model = load_model(student, tokenizer=tok, dtype="float32", verbose=False)
     return tok, teacher, model, load_examples(str(DATA), tok, seq_len)
@@ -106,7 +105,7 @@ def load_pair(teacher_dir: str, student: str, seq_len: int):
 
 def step_examples(examples, steps: int) -> list[list[dict]]:
     """The examples of steps 0..steps-1 in the Trainer's order (1 process, no accumulation)."""
-    from lmdistill.train.loop import ExampleStream
+    from lmdistill.train.batches import ExampleStream
 
     stream = ExampleStream(len(examples), SEED)
     return [[examples[stream[i]] for i in range(s * BATCH, (s + 1) * BATCH)] for s in range(steps)]
@@ -283,9 +282,9 @@ def get_tokenizer(kind: str):
         from lmdistill.tokenizer import train_tokenizer
 
         return train_tokenizer(texts=[DATA.read_text()], vocab_size=2048)
-    from lmdistill.train.setup import load_tokenizer
+    from lmdistill.tokenizer import load_tokenizer
 
-    return load_tokenizer(str(MINIMIND_TOKENIZER), "minimind tokenizer")
+    return load_tokenizer(str(MINIMIND_TOKENIZER))
 
 
 class Worker:
