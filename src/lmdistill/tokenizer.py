@@ -150,18 +150,14 @@ def _save(tokenizer, output_dir: Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", nargs="+", required=True, metavar="FILE",
-                        help="data files in any format `lmdistill data` reads (.jsonl .json .parquet .txt, "
-                             "datasets folder)")
     from lmdistill.config import int_at_least
-    from lmdistill.data.formats import FORMATS
+    from lmdistill.data.options import add_data_arguments
 
+    add_data_arguments(parser, "data files in any format `lmdistill data` reads (.jsonl .json .parquet .txt, "
+                               "datasets folder)", several=True)
     parser.add_argument("--vocab_size", type=int_at_least(MIN_VOCAB), default=6400,
                         help="vocabulary size, special tokens and the 256 bytes included")
     parser.add_argument("--output_dir", required=True, help="folder to write the HF tokenizer to")
-    parser.add_argument("--data_format", default="auto", choices=["auto", *FORMATS],
-                        help="record shape of the data files (auto: detected from the first record)")
-    parser.add_argument("--skip_bad_records", action="store_true", help="skip malformed records instead of failing")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,16 +19,12 @@ OPEN, CLOSE = "[[", "]]"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lmdistill.config import int_at_least
-    from lmdistill.data.formats import FORMATS
+    from lmdistill.data.options import add_data_arguments
 
-    parser.add_argument("--data", "--data_path", dest="data", required=True,
-                        help="data file: .jsonl, .json, .parquet, .txt or a datasets folder")
+    add_data_arguments(parser, "data file: .jsonl, .json, .parquet, .txt or a datasets folder")
     parser.add_argument("--tokenizer", required=True, help="HF tokenizer folder (e.g. one `lmdistill tokenizer` wrote)")
     parser.add_argument("--max_seq_len", type=int_at_least(2), default=512, help="examples are truncated to this many tokens")
     parser.add_argument("--show", type=int_at_least(0), default=3, metavar="K", help="how many rendered examples to print")
-    parser.add_argument("--data_format", default="auto", choices=["auto", *FORMATS],
-                        help="record shape (auto: detected from the first record)")
-    parser.add_argument("--skip_bad_records", action="store_true", help="skip malformed records instead of failing")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,13 +27,13 @@ TASK_COLUMNS = ("model", "n", "accuracy", "95% CI", "Rouge-L", "Rouge-L 95% CI",
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lmdistill.config import int_at_least
-    from lmdistill.data.formats import FORMATS
+    from lmdistill.data.options import add_data_arguments
 
     a = parser.add_argument
     a("--model", action="append", default=None, metavar="DIR",
       help="model folder (HF), or a preset name (random weights, for quick tests); repeat to compare models")
-    a("--data", "--data_path", dest="data", default=None,
-      help="held-out data: any format `lmdistill data` reads (tasks need conversations ending with the reference)")
+    add_data_arguments(parser, "held-out data: any format `lmdistill data` reads (tasks need conversations ending "
+                               "with the reference)", skip_bad_records=False)
     a("--teacher", default=None, help="teacher folder: adds KL(teacher || model) and top-1 agreement (task lm)")
     a("--task", choices=("lm", "exact_match", "rouge"), default="lm", help="what to measure")
     a("--tokenizer", default=None, help="tokenizer folder for every model (default: each model folder's own)")
@@ -46,8 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--answer_regex", default=None,
       help="tasks: compare only the last match of this regex (its first group), e.g. '####\\s*(\\S+)' for GSM8K")
     a("--max_examples", type=int_at_least(1), default=None, help="evaluate only the first N examples (records for tasks)")
-    a("--data_format", default="auto", choices=["auto", *FORMATS],
-      help="record shape of --data (auto: detected from the first record)")
     a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     a("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
       help="weights dtype (default: the checkpoint's, float32 for presets)")
@@ -82,8 +80,6 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     models = [args.model] if isinstance(args.model, str) else list(args.model or [])
     if not models:
         raise LmdistillError("--model is required: a model folder (or a preset name); repeat it to compare models.")
-    if not args.data:
-        raise LmdistillError("--data is required: the held-out data file to evaluate on.")
     repeated = sorted({m for m in models if models.count(m) > 1})
     if repeated:
         raise LmdistillError(f"--model {repeated[0]} is given more than once; each model is evaluated once.")

@@ -24,6 +24,8 @@ from lmdistill.losses.divergences import NEEDS_TAIL_BUCKET
 from lmdistill.losses.engine import KDConfig, check_labels, compute_dtype, loss_chunk_
 from lmdistill.losses.scores import ProjectedScores, TeacherScores
 
+_D = KDConfig()  # one place for the loss options' defaults: the public functions' keywords take them from here
+
 # Default memory for the two fp32 [chunk, vocab] logit buffers of the fused loss when chunk_size=None:
 # up to 258 tokens at Qwen's 151,936-token vocabulary, where the matmuls are near full speed on CPU.
 DEFAULT_CHUNK_BUDGET_BYTES = 300 * 2**20
@@ -322,9 +324,10 @@ def fused_topk_distillation_loss_parts(student_hidden: Tensor, student_lm_head_w
                                                  teacher.to(student_hidden.device), labels, **kwargs)
 
 
-def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, divergence: str = "forward_kl",
-                      temperature: float = 1.0, alpha: float = 0.0, skew_lambda: float = 0.1, jsd_beta: float = 0.5,
-                      top_k: int | None = None, ignore_index: int = -100, reduction: str = "mean", **kwargs) -> Tensor:
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+                      divergence: str = _D.divergence, temperature: float = _D.temperature, alpha: float = _D.alpha,
+                      skew_lambda: float = _D.skew_lambda, jsd_beta: float = _D.jsd_beta, top_k: int | None = None,
+                      ignore_index: int = -100, reduction: str = "mean", **kwargs) -> Tensor:
     """KD loss on logits `[..., V]` with labels `[...]` (see the module docstring for the formula).
 
     Extra keywords: `vocab_size` (compare only the first vocab_size columns, for padded embeddings) and
@@ -336,10 +339,11 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Te
 
 
 def fused_distillation_loss(student_hidden: Tensor, student_lm_head_weight: Tensor, teacher_hidden: Tensor,
-                            teacher_lm_head_weight: Tensor, labels: Tensor, divergence: str = "forward_kl",
-                            temperature: float = 1.0, alpha: float = 0.0, skew_lambda: float = 0.1,
-                            jsd_beta: float = 0.5, top_k: int | None = None, ignore_index: int = -100,
-                            reduction: str = "mean", chunk_size: int | None = None, **kwargs) -> Tensor:
+                            teacher_lm_head_weight: Tensor, labels: Tensor, divergence: str = _D.divergence,
+                            temperature: float = _D.temperature, alpha: float = _D.alpha,
+                            skew_lambda: float = _D.skew_lambda, jsd_beta: float = _D.jsd_beta,
+                            top_k: int | None = None, ignore_index: int = -100, reduction: str = "mean",
+                            chunk_size: int | None = None, **kwargs) -> Tensor:
     """KD loss from hidden states `[..., H]` and lm_head weights `[V, H]`, one logits chunk at a time.
 
     Equals `distillation_loss(hs @ Ws.T, ht @ Wt.T, labels, ...)` in value and gradients. Extra keywords:

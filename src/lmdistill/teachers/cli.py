@@ -15,19 +15,16 @@ from lmdistill.errors import LmdistillError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lmdistill.config import int_at_least
-    from lmdistill.data.formats import FORMATS
+    from lmdistill.data.options import add_data_arguments
 
     a = parser.add_argument
     a("--teacher", required=True, help="teacher: a local HF model folder")
     a("--teacher_adapter", default=None, help="LoRA adapter folder merged into the teacher at load")
     a("--tokenizer", default=None, help="tokenizer folder (default: the teacher's); must have the teacher's vocabulary")
-    a("--data", "--data_path", dest="data", required=True, help="the data file the students will be trained on")
+    add_data_arguments(parser, "the data file the students will be trained on")
     a("--eval_data", default=None,
       help="held-out data the students will be evaluated on: cached too (in eval/), so distill runs from the cache "
            "report KL and agreement to the teacher")
-    a("--data_format", default="auto", choices=["auto", *FORMATS],
-      help="record shape of --data (auto: detected from the first record)")
-    a("--skip_bad_records", action="store_true", help="skip malformed records (counted and reported) instead of failing")
     a("--max_seq_len", type=int_at_least(2), default=512, help="as the distill runs that will read the cache")
     a("--output_dir", "--out_dir", dest="output_dir", required=True, help="the cache folder to create (new or empty)")
     a("--top_k", type=int_at_least(1), default=64, help="teacher tokens kept per position")

@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 
 from lmdistill.config import Repeated, float_in, int_at_least
-from lmdistill.data.formats import FORMATS
+from lmdistill.data.options import add_data_arguments
 from lmdistill.losses.divergences import ALIASES, DIVERGENCES
+from lmdistill.losses.engine import KDConfig
 
+LOSS = KDConfig()  # the loss options' defaults are the loss API's own
 POSITIVE, COUNT = int_at_least(1), int_at_least(0)
 UNIT, POSITIVE_FLOAT = float_in(0, 1), float_in(0, lo_open=True)
 DTYPES = ["float32", "bfloat16", "float16"]
-DATA_FORMATS = ["auto", *FORMATS]
 
 
 def _weights(text) -> list[float]:
@@ -39,11 +40,8 @@ def _common(p: argparse.ArgumentParser, command: str) -> None:
     a = p.add_argument
     model_flag = "--student" if command == "distill" else "--model"
     # what and where
-    a("--data", "--data_path", dest="data", required=True,
-      help="training data: .jsonl, .json, .parquet, .txt or a datasets folder, in any supported format")
-    a("--data_format", default="auto", choices=DATA_FORMATS,
-      help="record shape of --data and --eval_data (auto: detected from the first record)")
-    a("--skip_bad_records", action="store_true", help="skip malformed records (counted and reported) instead of failing")
+    add_data_arguments(p, "training data: .jsonl, .json, .parquet, .txt or a datasets folder, in any supported "
+                          "format")
     a("--output_dir", "--out_dir", dest="output_dir", required=True,
       help="run folder: the final model, checkpoint-STEP/, metrics.jsonl, lmdistill_config.yaml")
     a("--overwrite", action="store_true",
@@ -120,17 +118,17 @@ def _distill(p: argparse.ArgumentParser) -> None:
     a("--teacher_dtype", default=None, choices=DTYPES,
       help="teacher weights dtype (default: bfloat16 under --dtype bfloat16, else float32)")
     aliases = ", ".join(f"{k}={v}" for k, v in sorted(ALIASES.items()))
-    a("--divergence", default="forward_kl", choices=sorted(list(DIVERGENCES) + list(ALIASES)), metavar="NAME",
+    a("--divergence", default=LOSS.divergence, choices=sorted(list(DIVERGENCES) + list(ALIASES)), metavar="NAME",
       help=f"D in the loss: {', '.join(DIVERGENCES)} (aliases: {aliases})")
-    a("--alpha", type=UNIT, default=0.0,
+    a("--alpha", type=UNIT, default=LOSS.alpha,
       help="weight of hard-label CE in [0, 1]: alpha*CE + (1-alpha)*T^2*D; 0 is pure distillation")
-    a("--temperature", type=POSITIVE_FLOAT, default=1.0,
+    a("--temperature", type=POSITIVE_FLOAT, default=LOSS.temperature,
       help="KD temperature T > 0 (the start value with --temperature_end)")
     a("--temperature_end", type=POSITIVE_FLOAT, default=None,
       help="anneal the temperature to this value at the last step (default: constant --temperature)")
     a("--temperature_schedule", default="linear", choices=["linear", "cosine"], help="shape of the annealing")
-    a("--skew_lambda", type=UNIT, default=0.1, help="lambda of the skew KL divergences, in [0, 1]")
-    a("--jsd_beta", type=float_in(0, 1, lo_open=True, hi_open=True), default=0.5,
+    a("--skew_lambda", type=UNIT, default=LOSS.skew_lambda, help="lambda of the skew KL divergences, in [0, 1]")
+    a("--jsd_beta", type=float_in(0, 1, lo_open=True, hi_open=True), default=LOSS.jsd_beta,
       help="beta of the generalized JSD, in (0, 1)")
     a("--top_k", type=POSITIVE, default=None,
       help="keep the teacher's k largest logits per position (default: the whole vocabulary)")
