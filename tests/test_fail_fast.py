@@ -299,3 +299,14 @@ def test_a_cli_run_is_quiet_and_says_what_it_saved(tiny_tokenizer_dir, tiny_corp
     both = proc.stdout + proc.stderr
     assert "Loading weights" not in both and "Writing model shards" not in both
     assert f"saved the model to {out}" in proc.stdout and "student" not in proc.stdout.splitlines()[-1]
+
+
+def test_an_error_after_the_models_load_still_writes_nothing(tiny_teacher_dir, tmp_path, capsys):
+    """A bad record is found while tokenizing, after the models are built: the run folder is still not made."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"conversations": "not a list"}\n')
+    out = tmp_path / "run"
+    assert main(_argv(tiny_teacher_dir, bad, out)) == 1
+    assert f"{bad}:2:" in capsys.readouterr().err
+    assert not out.exists()
