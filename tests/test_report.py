@@ -40,7 +40,7 @@ def write_run(path, kd: bool, evals: bool = True):
         if evals and step % 50 == 0:
             records.append(_eval(step, kd))
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    config = ("command: distill\nteacher: runs/teacher\nstudent: nano\ndivergence: reverse_kl\nalpha: 0.25\n"
+    config = ("command: distill\nteacher: [runs/teacher, runs/teacher_b]\nstudent: nano\ndivergence: reverse_kl\nalpha: 0.25\n"
               "temperature: 2.0\n" if kd else "command: train\nmodel: nano\n")
     (path / "lmdistill_config.yaml").write_text(config)
     return path
@@ -161,7 +161,7 @@ def test_report_embeds_plots_and_config(report):
     for name in ("loss", "lr", "throughput", "eval"):
         assert f"![{name}]({name}.png)" in text
     config = text.split("## Configuration")[1]
-    assert "| kd_run | distill | runs/teacher | nano | reverse_kl | 0.25 | 2.0 |" in config
+    assert "| kd_run | distill | runs/teacher, runs/teacher_b | nano | reverse_kl | 0.25 | 2.0 |" in config
     assert "| ce_run | train | — | nano | — | — | — |" in config
 
 

@@ -24,7 +24,8 @@ PLOT_TITLES = {"loss": "Loss (solid: total, dashed: CE part, dotted: KD part; a 
 
 
 def _cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    text = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)  # e.g. several teachers
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _table(header: Sequence[str], rows: list[Sequence[str]]) -> str:
