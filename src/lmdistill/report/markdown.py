@@ -56,7 +56,7 @@ def config_table(runs: dict[str, Metrics]) -> str:
     for label, m in runs.items():
         config = m.get("config") or {}
         values = [next((config[k] for k in keys if config.get(k) is not None), None) for _, keys in CONFIG_COLUMNS]
-        rows.append([label] + ["—" if v is None else str(v) for v in values])
+        rows.append([label] + ["—" if v is None else v for v in values])
     return _table(["run"] + [h for h, _ in CONFIG_COLUMNS], rows)
 
 
