@@ -36,6 +36,7 @@ PATH_OPTIONS = ("data", "model", "student", "teacher", "tokenizer", "teacher_cac
 RUN_FILES = ("metrics.jsonl", "lmdistill_config.yaml", "config.json", "generation_config.json", "model.safetensors",
              "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
              "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")
+TRACKER_MODULES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX"), "swanlab": ("swanlab",)}
 RUN_GLOBS = ("checkpoint-*", ".checkpoint-*.tmp-*", ".final.tmp-*", "model-*-of-*.safetensors", "adapter")
 
 
@@ -44,7 +45,6 @@ class Plan:
     """What the checks resolved: the tokenizer the run uses, the checkpoint to resume, old outputs to delete."""
 
     tokenizer: Any
-    tokenizer_source: str  # e.g. "--teacher runs/teacher"
     resume_from: Path | None = None
     stale_outputs: list[Path] = field(default_factory=list)
 
@@ -55,10 +55,10 @@ def check(args: argparse.Namespace) -> Plan:
         _check_teacher_options(args)
     check_device(args.device)
     _check_inputs(args, distill)
-    tokenizer, source = _check_tokenizers(args, distill)
+    tokenizer = _check_tokenizers(args, distill)
     _check_vocab_options(args, tokenizer, distill)
     resume_from, stale = _check_output_dir(args)
-    return Plan(tokenizer, source, resume_from, stale)
+    return Plan(tokenizer, resume_from, stale)
 
 
 # -- options that go together --------------------------------------------------------------------------------
@@ -113,11 +113,10 @@ def _check_inputs(args, distill: bool) -> None:
     if tracker != "none":
         import importlib.util
 
-        module = {"tensorboard": "tensorboard"}.get(tracker, tracker)
-        if importlib.util.find_spec(module) is None and not (tracker == "tensorboard"
-                                                             and importlib.util.find_spec("tensorboardX")):
-            raise LmdistillError(f"--report_to {tracker}: the '{module}' package is not installed; "
-                                 f"`pip install {module}` or leave --report_to at none.")
+        modules = TRACKER_MODULES[tracker]
+        if not any(importlib.util.find_spec(m) for m in modules):
+            raise LmdistillError(f"--report_to {tracker}: the '{modules[0]}' package is not installed; "
+                                 f"`pip install {modules[0]}` or leave --report_to at none.")
 
 
 def _cache_meta(folder: str) -> dict:
@@ -127,7 +126,7 @@ def _cache_meta(folder: str) -> dict:
 
 
 # -- tokenizers ----------------------------------------------------------------------------------------------
-def _check_tokenizers(args, distill: bool) -> tuple[Any, str]:
+def _check_tokenizers(args, distill: bool) -> Any:
     """The run's tokenizer (--tokenizer, else the teacher's / cache's / model's own) after checking that every
     tokenizer involved (--tokenizer, the teacher's, the cache's, the student folder's) has its vocabulary."""
     sources: list[tuple[str, str]] = []  # (flag + value, tokenizer folder), in order of preference
@@ -151,7 +150,7 @@ def _check_tokenizers(args, distill: bool) -> tuple[Any, str]:
         diff = vocabulary_difference(first, tok)
         if diff is not None:
             raise LmdistillError(_mismatch_message(first_name, name, diff, distill))
-    return first, first_name
+    return first
 
 
 def _mismatch_message(a: str, b: str, diff: str, distill: bool) -> str:
