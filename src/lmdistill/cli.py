@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lmdistill.train.cli", "train a model with cross-entropy (pretraining / SFT)"),
     "distill": ("lmdistill.train.cli", "distill a teacher into a student"),
     "cache-teacher": ("lmdistill.teachers.cli", "precompute a teacher's top-k distribution to disk"),
+    "generate": ("lmdistill.generate", "a model writes replies to prompts: training data for sequence-level KD"),
     "eval": ("lmdistill.eval.cli", "evaluate models: perplexity, bits/byte, agreement with a teacher, task accuracy"),
     "report": ("lmdistill.report", "plots and a markdown report from run directories"),
 }

@@ -1,4 +1,4 @@
-"""Batched greedy generation: left-padded prompts, HF `generate` with its KV cache, new tokens decoded.
+"""Batched generation (greedy or sampled): left-padded prompts, HF `generate` with its KV cache, new tokens decoded.
 
     prompts = [render_prompt(tokenizer, messages[:-1]) for messages in records]
     replies = generate_replies(model, tokenizer, prompts, max_new_tokens=64, batch_size=16)
@@ -12,7 +12,8 @@ an assistant turn `<|im_end|>`, the tokenizer's and the model's EOS), which is n
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+import time
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -54,35 +55,55 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
 @torch.no_grad()
 def generate_replies(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                      batch_size: int = 16, device=None, eos_token_ids: Sequence[int] | None = None,
-                     progress: bool = True, description: str = "generating") -> list[Reply]:
-    """Greedy replies to token-id `prompts`, `batch_size` prompts at a time, with a progress bar on stderr."""
+                     progress: bool = True, description: str = "generating", temperature: float = 0.0,
+                     top_p: float = 1.0, top_k: int = 0,
+                     on_batch: Callable[[list[int], list[Reply]], None] | None = None) -> list[Reply]:
+    """Replies to token-id `prompts`, `batch_size` prompts at a time, with a progress bar (tokens/s) on stderr.
+
+    `temperature` 0 is greedy; above 0 samples (with `top_p` nucleus and `top_k` truncation; torch's global RNG,
+    so seed it for repeatable samples). `on_batch(indices, replies)` is called after each batch with the prompts'
+    indices and their replies (e.g. to write them out as they come)."""
     from tqdm import tqdm
     from transformers import GenerationConfig
 
     if max_new_tokens < 1 or batch_size < 1:
         raise LmdistillError(f"max_new_tokens and batch_size must be at least 1, found {max_new_tokens} and "
                              f"{batch_size}.")
+    if not (temperature >= 0 and 0 < top_p <= 1 and top_k >= 0):
+        raise LmdistillError(f"sampling: expected temperature >= 0, top_p in (0, 1] and top_k >= 0; found "
+                             f"{temperature}, {top_p}, {top_k}.")
     if any(len(p) == 0 for p in prompts):
         raise LmdistillError("generate_replies: an empty prompt; every prompt needs at least one token.")
     stops = list(eos_token_ids) if eos_token_ids is not None else stop_token_ids(tokenizer, model)
     if not stops:
         raise LmdistillError("the tokenizer has no EOS token and no <|im_end|>: replies would never stop.")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                              pad_token_id=pad, use_cache=True)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None) if temperature > 0 \
+        else dict(do_sample=False)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, use_cache=True,
+                              **sampling)
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies: list[Reply | None] = [None] * len(prompts)
     batches = [order[k: k + batch_size] for k in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc=description, unit="batch", disable=not progress, leave=False):
-        input_ids, attention_mask = left_pad([prompts[i] for i in batch], pad)
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             generation_config=config)
-        for i, row in zip(batch, out[:, input_ids.shape[1]:].tolist()):
-            replies[i] = _reply(tokenizer, row, set(stops))
-    model.train(was_training)
+    bar = tqdm(batches, desc=description, unit="batch", disable=not progress, leave=False)
+    t0, generated = time.perf_counter(), 0
+    try:
+        for batch in bar:
+            input_ids, attention_mask = left_pad([prompts[i] for i in batch], pad)
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 generation_config=config)
+            for i, row in zip(batch, out[:, input_ids.shape[1]:].tolist()):
+                replies[i] = _reply(tokenizer, row, set(stops))
+            generated += sum(len(replies[i].token_ids) for i in batch)
+            bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - t0):.0f}", refresh=False)
+            if on_batch is not None:
+                on_batch(list(batch), [replies[i] for i in batch])
+    finally:
+        bar.close()
+        model.train(was_training)
     return replies
 
 

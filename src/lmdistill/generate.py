@@ -1,0 +1,174 @@
+"""`lmdistill generate`: a model (usually the teacher) writes replies to prompts -- training data for
+sequence-level distillation (Kim & Rush 2016, "Sequence-Level Knowledge Distillation"): a student trained with
+plain CE on the teacher's own outputs.
+
+    lmdistill generate --model runs/teacher --prompts prompts.jsonl --output_file teacher_data.jsonl \\
+        --num_samples 2 --max_new_tokens 256 --temperature 0.7 --top_p 0.95
+    lmdistill train --model nano --tokenizer runs/teacher --data teacher_data.jsonl --output_dir runs/seqkd
+
+Prompts come from any data format with conversations or prompts (a trailing assistant reply, if any, is dropped
+and replaced). The output is MiniMind conversations JSONL (the prompt turns plus the generated reply), which
+`train` and `distill` read as they are. The run is resumable: prompts that already have their samples in
+--output_file are skipped, each batch's lines are written and flushed together, and a line cut by a kill is
+removed on the next start (and said so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from lmdistill.errors import LmdistillError
+
+Messages = list[dict[str, Any]]
+_PLACEHOLDER_REPLY = {"prompt_completion": "completion", "alpaca": "output"}  # prompt-only records of these shapes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmdistill.config import float_in, int_at_least
+    from lmdistill.data.options import DATA_FORMATS
+
+    a = parser.add_argument
+    a("--model", required=True, help="the model that writes the replies: a local HF folder (or a preset, for tests)")
+    a("--prompts", "--data", dest="prompts", required=True,
+      help="prompts: any data file with conversations or prompts (a final assistant reply is replaced)")
+    a("--output_file", required=True, help="MiniMind conversations JSONL to write (appended to when resuming)")
+    a("--tokenizer", default=None, help="tokenizer folder (default: the model folder's own)")
+    a("--data_format", default="auto", choices=DATA_FORMATS, help="record shape of --prompts (auto: detected)")
+    a("--num_samples", type=int_at_least(1), default=1, help="replies per prompt")
+    a("--max_new_tokens", type=int_at_least(1), default=256, help="the longest reply")
+    a("--temperature", type=float_in(0), default=1.0, help="sampling temperature (0: greedy)")
+    a("--top_p", type=float_in(0, 1, lo_open=True), default=1.0, help="nucleus sampling: keep this much mass")
+    a("--top_k", type=int_at_least(0), default=0, help="sample among the k most likely tokens (0: all)")
+    a("--max_prompt_tokens", type=int_at_least(1), default=2048, help="longer prompts keep their last tokens")
+    a("--batch_size", type=int_at_least(1), default=16, help="prompts per generate call")
+    a("--seed", type=int, default=0, help="seeds the sampling")
+    a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    a("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+      help="weights dtype (default: the checkpoint's, float32 for presets)")
+
+
+def prompt_key(messages: Messages) -> str:
+    """A stable key of a prompt's turns (what resume matches on)."""
+    text = json.dumps([[m.get("role"), m.get("content")] for m in messages], ensure_ascii=False)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=12).hexdigest()
+
+
+def load_prompts(path: str | Path, data_format: str = "auto") -> list[Messages]:
+    """The prompt turns of every record: a conversation up to (not including) its final assistant reply."""
+    from lmdistill.data import detect_format, parse_record, read_records
+    from lmdistill.data.formats import normalize_format
+
+    fmt, prompts = normalize_format(data_format), []
+    for location, record in read_records(path):
+        try:
+            record_format = detect_format(_with_placeholder(record)) if fmt == "auto" else fmt
+            messages = parse_record(_with_placeholder(record, record_format), record_format)
+            if isinstance(messages, str):
+                raise LmdistillError("a plain-text record has no prompt; expected conversations or prompts.")
+            if record_format in _PLACEHOLDER_REPLY and not record.get(_PLACEHOLDER_REPLY[record_format]):
+                messages = messages[:-1]  # the placeholder reply
+            while messages and messages[-1].get("role") == "assistant":
+                messages = messages[:-1]
+            if not any(m.get("role") == "user" for m in messages):
+                raise LmdistillError("no user turn to reply to.")
+        except LmdistillError as exc:
+            raise LmdistillError(f"{location}: {exc}") from None
+        fmt = record_format
+        prompts.append(messages)
+    if not prompts:
+        raise LmdistillError(f"{path}: empty file: no prompts found.")
+    return prompts
+
+
+def _with_placeholder(record: dict, record_format: str | None = None) -> dict:
+    """Prompt-only prompt/completion and alpaca records parse with an empty reply filled in."""
+    out = dict(record)
+    for fmt, key in _PLACEHOLDER_REPLY.items():
+        if record_format in (None, fmt) and not out.get(key) and (("prompt" in out) if fmt == "prompt_completion"
+                                                                    else ("instruction" in out)):
+            out[key] = "."
+    return out
+
+
+def _existing(path: Path) -> dict[str, int]:
+    """Samples already written per prompt key; a last line cut by a kill is removed first."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        print(f"{path}: removed an incomplete last line (a run was stopped while writing it)")
+        data = data[:cut]
+    counts: dict[str, int] = {}
+    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        try:
+            messages = json.loads(line)["conversations"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise LmdistillError(f"{path}:{number}: expected a line written by `lmdistill generate` (a MiniMind "
+                                 "conversation); choose a new --output_file.") from None
+        key = prompt_key(messages[:-1])
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmdistill.data import check_data_path, render_prompt
+    from lmdistill.models import load_model
+    from lmdistill.models.generation import generate_replies
+    from lmdistill.models.loading import check_device, check_model_ref
+    from lmdistill.tokenizer import has_tokenizer, load_tokenizer
+
+    check_device(args.device)
+    check_data_path(args.prompts, "--prompts")
+    check_model_ref("--model", args.model)
+    out = Path(args.output_file)
+    if out.is_dir():
+        raise LmdistillError(f"--output_file: expected a file, found a folder at '{out}'.")
+    if not args.tokenizer and not has_tokenizer(args.model):
+        raise LmdistillError(f"no tokenizer: --model '{args.model}' has no tokenizer files; pass --tokenizer DIR.")
+    tokenizer = load_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
+    prompts = load_prompts(args.prompts, args.data_format)
+    done = _existing(out)
+    todo = [(p, prompt_key(p)) for p in prompts]
+    todo = [(p, k) for p, k in todo for _ in range(max(0, args.num_samples - done.get(k, 0)))]
+    skipped = len(prompts) * args.num_samples - len(todo)
+    print(f"{args.prompts}: {len(prompts):,} prompts x {args.num_samples} samples; {skipped:,} already in {out}, "
+          f"{len(todo):,} to generate.")
+    if not todo:
+        return 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)
+    model = load_model(args.model, tokenizer=tokenizer, dtype=args.dtype, device=device)
+    ids = [render_prompt(tokenizer, p)[-args.max_prompt_tokens:] for p, _ in todo]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0, new_tokens, cut = time.perf_counter(), 0, 0
+    with open(out, "a", encoding="utf-8") as f:
+        def write(batch_indices, replies):  # one batch's lines at once, flushed to disk
+            nonlocal new_tokens, cut
+            lines = []
+            for i, reply in zip(batch_indices, replies):
+                lines.append(json.dumps({"conversations": [*todo[i][0], {"role": "assistant", "content": reply.text}]},
+                                        ensure_ascii=False) + "\n")
+                new_tokens += len(reply.token_ids)
+                cut += not reply.finished
+            f.write("".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+
+        generate_replies(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                         device=device, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                         on_batch=write, description="generate")
+    seconds = time.perf_counter() - t0
+    print(f"wrote {len(todo):,} replies ({new_tokens:,} tokens, {new_tokens / max(seconds, 1e-9):,.0f} tokens/s) to "
+          f"{out}; {cut:,} were cut at --max_new_tokens {args.max_new_tokens}.")
+    return 0
