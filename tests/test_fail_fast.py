@@ -77,6 +77,8 @@ BAD_OPTIONS = [
     (lambda t: ["--teacher_weights", "1,2"], 1, "--teacher_weights: expected 1 weights"),
     (lambda t: ["--teacher_weights", "1,-2"], 2, "argument --teacher_weights: expected comma-separated positive"),
     (lambda t: ["--teacher_adapter", t, "--teacher_adapter", t], 1, "--teacher_adapter: expected one per --teacher"),
+    (lambda t: ["--teacher_dtype", "float32", "--teacher_dtype", "bfloat16"], 1,
+     "--teacher_dtype: expected one (for every teacher) or one per --teacher (1, in the same order), found 2"),
     (lambda t: ["--resume"], 1, "--resume: no complete checkpoint-STEP/ folder"),
     (lambda t: ["--resume", t / "nowhere"], 1, "--resume: expected a checkpoint folder"),
     (lambda t: ["--resume", "--overwrite"], 1, "give one"),

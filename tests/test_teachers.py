@@ -175,3 +175,20 @@ def test_distill_from_two_teachers_logs_kl_to_the_ensemble_and_each_teacher(tiny
     assert {"kl_to_teacher", "agreement", "kl_to_teacher_1", "agreement_1", "kl_to_teacher_2", "agreement_2"} <= ev.keys()
     assert ev["kl_to_teacher_1"] != ev["kl_to_teacher_2"]
     assert (out / "model.safetensors").is_file()
+
+
+def test_each_teacher_loads_in_its_own_dtype(tiny_teacher_dir, tiny_chat, tmp_path):
+    from lmdistill.cli import parse_args
+    from lmdistill.train.loop import Trainer
+
+    tok = load_tokenizer(tiny_teacher_dir)
+    second = tmp_path / "second"
+    load_model("nano", tokenizer=tok, hidden_size=40, num_layers=1, verbose=False).save_pretrained(second)
+    args = parse_args("distill", ["--teacher", tiny_teacher_dir, "--teacher", second, "--teacher_dtype", "float32",
+                                  "--teacher_dtype", "bfloat16", "--student", "nano", "--hidden_size", "32",
+                                  "--num_layers", "1", "--data", tiny_chat, "--output_dir", tmp_path / "run",
+                                  "--max_seq_len", "48", "--batch_size", "4"])
+    trainer = Trainer(args)
+    assert [m.model.dtype for m in trainer.teacher.members()] == [torch.float32, torch.bfloat16]
+    stats = trainer.accumulate(trainer.micro_batches(0))
+    assert stats["kd_loss"] > 0 and torch.isfinite(torch.tensor(stats["loss"]))

@@ -149,7 +149,8 @@ def _yaml_value(action: argparse.Action, key: str, value: Any, where: str) -> An
             value = [convert(v) for v in value] if isinstance(value, list) else convert(value)
         except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
             raise LmdistillError(f"{where}: '{key}': {exc}.") from None
-    if action.choices is not None and value is not None and value not in action.choices:
+    values = value if isinstance(action, Repeated) and isinstance(value, list) else [value]
+    if action.choices is not None and value is not None and any(v not in action.choices for v in values):
         raise LmdistillError(f"{where}: '{key}' must be one of {', '.join(map(str, action.choices))}; "
                              f"found {value!r}.")
     return value

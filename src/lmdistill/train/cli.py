@@ -115,8 +115,9 @@ def _distill(p: argparse.ArgumentParser) -> None:
     a("--ensemble", default="logits", choices=["logits", "probs"],
       help="how several teachers combine: logits = weighted mean of their logits (BabyLlama), probs = weighted "
            "mixture of their distributions")
-    a("--teacher_dtype", default=None, choices=DTYPES,
-      help="teacher weights dtype (default: bfloat16 under --dtype bfloat16, else float32)")
+    a("--teacher_dtype", action=Repeated, default=None, choices=DTYPES, metavar="DTYPE",
+      help="teacher weights dtype, one of float32, bfloat16, float16; once for every teacher or once per --teacher "
+           "in order (default: bfloat16 under --dtype bfloat16, else float32)")
     aliases = ", ".join(f"{k}={v}" for k, v in sorted(ALIASES.items()))
     a("--divergence", default=LOSS.divergence, choices=sorted(list(DIVERGENCES) + list(ALIASES)), metavar="NAME",
       help=f"D in the loss: {', '.join(DIVERGENCES)} (aliases: {aliases})")

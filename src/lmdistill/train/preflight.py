@@ -71,6 +71,10 @@ def _check_teacher_options(args) -> None:
         raise LmdistillError(f"--teacher_adapter: expected one per --teacher ({len(teachers)}, in the same order), "
                              f"found {len(adapters)}. A teacher cache already holds its (adapted) teacher's outputs: "
                              "pass the adapter to `lmdistill cache-teacher` instead.")
+    dtypes = args.teacher_dtype or []
+    if len(dtypes) > 1 and len(dtypes) != len(teachers):
+        raise LmdistillError(f"--teacher_dtype: expected one (for every teacher) or one per --teacher "
+                             f"({len(teachers)}, in the same order), found {len(dtypes)}.")
     n = len(teachers) + len(caches)
     if args.teacher_weights is not None and len(args.teacher_weights) != n:
         raise LmdistillError(f"--teacher_weights: expected {n} weights (one per teacher: --teacher ones first, then "

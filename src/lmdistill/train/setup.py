@@ -56,8 +56,12 @@ def build_student(args, name: str, tokenizer, device) -> torch.nn.Module:
     return model
 
 
-def teacher_dtype(args) -> str:
-    return args.teacher_dtype or ("bfloat16" if args.dtype == "bfloat16" else "float32")
+def teacher_dtypes(args) -> list[str]:
+    """One weights dtype per --teacher: --teacher_dtype given once applies to all (default: bf16 under --dtype
+    bfloat16, else fp32)."""
+    n = len(args.teacher or [])
+    given = args.teacher_dtype or ["bfloat16" if args.dtype == "bfloat16" else "float32"]
+    return given * n if len(given) == 1 else list(given)
 
 
 def build(args: argparse.Namespace, plan, device, is_main: bool) -> Setup:
@@ -90,8 +94,8 @@ def build_teacher(args, tokenizer, device, is_main: bool):
     from lmdistill.teachers import CachedTeacher, EnsembleTeacher, OnlineTeacher, TeacherCache
 
     paths, adapters = args.teacher or [], args.teacher_adapter or [None] * len(args.teacher or [])
-    models = [load_teacher(p, adapter=a, dtype=teacher_dtype(args), device=device, tokenizer=tokenizer,
-                           verbose=is_main) for p, a in zip(paths, adapters)]
+    models = [load_teacher(p, adapter=a, dtype=d, device=device, tokenizer=tokenizer, verbose=is_main)
+              for p, a, d in zip(paths, adapters, teacher_dtypes(args))]
     caches = [TeacherCache(c) for c in args.teacher_cache or []]
     student = build_student(args, args.student, tokenizer, device)
     rows = [m.get_output_embeddings().weight.shape[0] for m in models] + [c.vocab_size for c in caches]
