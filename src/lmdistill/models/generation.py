@@ -24,11 +24,12 @@ END_OF_TURN = "<|im_end|>"
 
 class Reply(NamedTuple):
     """One generated reply: `text` decoded without special tokens, `token_ids` before the stop token,
-    `finished` False when `max_new_tokens` ran out before a stop token."""
+    `finished` False when `max_new_tokens` ran out before a stop token, `stop_token` the id that ended it."""
 
     text: str
     token_ids: list[int]
     finished: bool
+    stop_token: int | None = None
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
@@ -111,4 +112,5 @@ def _reply(tokenizer, new_ids: list[int], stops: set[int]) -> Reply:
     """The new tokens up to the first stop token (the batch pads finished rows after it)."""
     end = next((k for k, t in enumerate(new_ids) if t in stops), None)
     ids = new_ids if end is None else new_ids[:end]
-    return Reply(tokenizer.decode(ids, skip_special_tokens=True), ids, end is not None)
+    return Reply(tokenizer.decode(ids, skip_special_tokens=True), ids, end is not None,
+                 None if end is None else new_ids[end])

@@ -31,7 +31,10 @@ class ExampleStream:
 
 class BatchSource:
     """This process's micro-batches of an optimizer step: dicts of input_ids, attention_mask, labels [B, T] on
-    the device, plus `example_index` (the examples' indices, for offline teachers)."""
+    the device, plus `example_index` (the examples' indices, for offline teachers). `last_stats` holds what the
+    source reports about the step it built last (logged with the step's metrics)."""
+
+    last_stats: dict = {}
 
     def batches(self, step: int) -> list[dict]:  # pragma: no cover - interface
         raise NotImplementedError

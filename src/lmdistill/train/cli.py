@@ -131,6 +131,14 @@ def _distill(p: argparse.ArgumentParser) -> None:
     a("--skew_lambda", type=UNIT, default=LOSS.skew_lambda, help="lambda of the skew KL divergences, in [0, 1]")
     a("--jsd_beta", type=float_in(0, 1, lo_open=True, hi_open=True), default=LOSS.jsd_beta,
       help="beta of the generalized JSD, in (0, 1)")
+    a("--on_policy_fraction", type=UNIT, default=0.0,
+      help="share of optimizer steps whose replies the student writes itself (GKD's lambda; 1: fully on-policy, "
+           "0: the dataset's replies)")
+    a("--max_new_tokens", type=POSITIVE, default=128, help="on-policy steps: the longest reply the student writes")
+    a("--generation_temperature", type=POSITIVE_FLOAT, default=1.0,
+      help="on-policy steps: the student's sampling temperature")
+    a("--generation_top_p", type=float_in(0, 1, lo_open=True), default=1.0,
+      help="on-policy steps: nucleus sampling mass")
     a("--top_k", type=POSITIVE, default=None,
       help="keep the teacher's k largest logits per position (default: the whole vocabulary)")
 

@@ -36,6 +36,7 @@ from lmdistill.models import forward_hidden, lm_head_of
 from lmdistill.models.hidden import full_weights
 from lmdistill.train import preflight
 from lmdistill.train.batches import DatasetStream
+from lmdistill.train.on_policy import OnPolicyStream
 from lmdistill.train import state as ckpt
 from lmdistill.train.metrics import MetricsLogger
 from lmdistill.train.setup import build
@@ -115,6 +116,8 @@ class Trainer:
             self.teacher.prepare(self.acc.prepare_model)  # sharded too; stays frozen in eval mode
         self.source = DatasetStream(self.examples, self.tokenizer.pad_token_id, args.batch_size,
                                     args.accumulation_steps, args.seed, self.world, self.rank, self.acc.device)
+        if getattr(args, "on_policy_fraction", 0) > 0:
+            self.source = OnPolicyStream(self.source, args.on_policy_fraction, args.seed, self.student_replies)
         self.global_step, self.stop_signal = 0, None
         self._check_head()
 
@@ -202,9 +205,19 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         stats["grad_norm"] = self.optimizer_step()
         self.global_step += 1
-        stats.update(step=self.global_step, lr=lr, epoch=self.global_step * self.per_step / len(self.examples),
-                     tokens_per_sec=stats["tokens"] / (time.perf_counter() - t0))
+        seconds = time.perf_counter() - t0
+        stats.update(self.source.last_stats, step=self.global_step, lr=lr, step_seconds=seconds,
+                     epoch=self.global_step * self.per_step / len(self.examples), tokens_per_sec=stats["tokens"] / seconds)
         return stats
+
+    def student_replies(self, prompts: list[list[int]]) -> list:
+        """The current student's sampled replies to token-id prompts (the on-policy batch source's generator)."""
+        from lmdistill.models.generation import generate_replies
+
+        a = self.args
+        return generate_replies(self.acc.unwrap_model(self.model), self.tokenizer, prompts,
+                                max_new_tokens=a.max_new_tokens, batch_size=len(prompts), device=self.acc.device,
+                                progress=False, temperature=a.generation_temperature, top_p=a.generation_top_p)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def training_state(self) -> dict:

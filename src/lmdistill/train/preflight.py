@@ -83,6 +83,10 @@ def _check_teacher_options(args) -> None:
     if repeated:
         raise LmdistillError(f"teacher '{repeated[0]}' is given more than once; give each teacher once and weight it "
                              "with --teacher_weights.")
+    if caches and args.on_policy_fraction > 0:
+        raise LmdistillError("--on_policy_fraction: a teacher cache holds scores of the dataset's replies only and "
+                             "cannot score replies the student writes; use an online --teacher for on-policy "
+                             "distillation (or --on_policy_fraction 0).")
     if args.temperature_end is None and args.temperature_schedule != "linear":
         raise LmdistillError(f"--temperature_schedule {args.temperature_schedule} needs --temperature_end (the value "
                              "to anneal to); without it the temperature is constant.")

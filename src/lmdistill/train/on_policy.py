@@ -1,0 +1,71 @@
+"""On-policy batches (GKD, Agarwal et al. 2024, "On-Policy Distillation of Language Models"): on a seeded share
+of the optimizer steps, the student writes the replies it is trained on.
+
+On such a step every example of a micro-batch keeps its prompt -- the conversation up to its last assistant turn,
+i.e. the tokens before its last trained span -- and the current student completes it (sampled with the KV cache,
+eval mode, no grad; training mode restored). The sequence prompt + completion (+ the stop token the student
+produced) is then scored by the teacher and the loss is taken on the completion tokens only, with whatever
+divergence, temperature and top_k the run uses: `--divergence reverse_kl --on_policy_fraction 1` is on-policy
+reverse KL, `--divergence jsd --jsd_beta B --on_policy_fraction L` is GKD. Other steps use the dataset's replies.
+
+Which steps are on-policy is a function of (seed, step) alone, and the sampling draws from torch's RNG, whose
+state the checkpoints keep: a resumed run writes the same completions as the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, Sequence
+
+from lmdistill.data import IGNORE_INDEX, pad_batch
+from lmdistill.errors import LmdistillError
+from lmdistill.train.batches import BatchSource, DatasetStream
+
+
+def last_prompt(example: dict) -> list[int]:
+    """The tokens before an example's last trained span (its last assistant reply)."""
+    labels = example["labels"]
+    trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    if not trained:
+        raise LmdistillError("an example without a trained token has no reply to replace.")
+    start = trained[-1]
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return list(example["input_ids"][:start])
+
+
+def completion_example(prompt: Sequence[int], reply) -> dict:
+    """prompt + the student's reply (+ its stop token), trained on the reply only (labels aligned, HF style)."""
+    completion = list(reply.token_ids) + ([reply.stop_token] if reply.stop_token is not None else [])
+    return {"input_ids": list(prompt) + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion}
+
+
+class OnPolicyStream(BatchSource):
+    """The dataset stream, with the replies of a seeded `fraction` of the steps written by `generate`
+    (token-id prompts -> `lmdistill.models.generation.Reply`s)."""
+
+    def __init__(self, dataset: DatasetStream, fraction: float, seed: int, generate: Callable[[list], list]):
+        self.dataset, self.fraction, self.seed, self.generate = dataset, fraction, seed, generate
+
+    def on_policy(self, step: int) -> bool:
+        return self.fraction >= 1 or (self.fraction > 0 and random.Random(f"{self.seed}:{step}").random() < self.fraction)
+
+    def batches(self, step: int) -> list[dict]:
+        batches = self.dataset.batches(step)
+        if not self.on_policy(step):
+            self.last_stats = {"on_policy": False}
+            return batches
+        out, generated, cut, n = [], 0, 0, 0
+        for batch in batches:
+            prompts = [last_prompt(self.dataset.examples[i]) for i in batch["example_index"]]
+            replies = self.generate(prompts)
+            examples = [completion_example(p, r) for p, r in zip(prompts, replies)]
+            padded = pad_batch(examples, self.dataset.pad)
+            out.append({**{k: v.to(self.dataset.device) for k, v in padded.items()},
+                        "example_index": batch["example_index"]})
+            generated += sum(len(r.token_ids) for r in replies)
+            cut += sum(not r.finished for r in replies)
+            n += len(replies)
+        self.last_stats = {"on_policy": True, "generated_tokens": generated,
+                           "mean_completion_tokens": generated / max(n, 1), "cut_share": cut / max(n, 1)}
+        return out

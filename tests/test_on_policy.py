@@ -1,0 +1,122 @@
+"""On-policy distillation (GKD): the student writes a seeded share of the steps' replies; the loss is taken on
+its completion tokens only; resume stays exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmdistill.cli import main, parse_args
+from lmdistill.data import IGNORE_INDEX, load_examples
+from lmdistill.models.generation import Reply
+from lmdistill.tokenizer import load_tokenizer
+from lmdistill.train.batches import DatasetStream
+from lmdistill.train.on_policy import OnPolicyStream, completion_example, last_prompt
+
+
+def test_the_prompt_is_the_conversation_before_its_last_reply(tiny_teacher_dir, tiny_chat):
+    tok = load_tokenizer(tiny_teacher_dir)
+    example = load_examples(tiny_chat, tok, 256)[0]
+    prompt = last_prompt(example)
+    first_reply, last_reply = json.loads(tiny_chat.read_text().splitlines()[0])["conversations"][1::2]
+    text = tok.decode(prompt)
+    assert first_reply["content"] in text and last_reply["content"] not in text
+    assert text.rstrip().endswith("assistant")  # the generation prompt of the last turn is kept
+    made = completion_example(prompt, Reply("x", [7, 8, 9], True, 2))
+    assert made["input_ids"] == prompt + [7, 8, 9, 2]
+    assert made["labels"] == [IGNORE_INDEX] * len(prompt) + [7, 8, 9, 2]  # the reply and its stop token
+    cut = completion_example(prompt, Reply("x", [7, 8], False, None))
+    assert cut["labels"][-2:] == [7, 8] and len(cut["labels"]) == len(prompt) + 2
+
+
+def test_the_stream_replaces_replies_on_a_seeded_share_of_steps(tiny_teacher_dir, tiny_chat):
+    tok = load_tokenizer(tiny_teacher_dir)
+    examples = load_examples(tiny_chat, tok, 64)
+    calls = []
+
+    def fake_generate(prompts):
+        calls.append(len(prompts))
+        return [Reply("", [5] * (1 + i % 3), i % 2 == 0, 1 if i % 2 == 0 else None) for i in range(len(prompts))]
+
+    stream = OnPolicyStream(DatasetStream(examples, tok.pad_token_id, 4, 2, seed=3), 0.5, 3, fake_generate)
+    flags = [stream.on_policy(s) for s in range(400)]
+    assert 0.4 < sum(flags) / len(flags) < 0.6 and flags == [stream.on_policy(s) for s in range(400)]
+    step = flags.index(True)
+    batches = stream.batches(step)
+    assert len(batches) == 2 and calls == [4, 4]
+    for batch in batches:
+        for row, labels in zip(batch["input_ids"], batch["labels"]):
+            trained = labels[labels != IGNORE_INDEX].tolist()
+            assert set(trained) <= {5, 1} and trained[0] == 5  # only the completion is trained
+    assert stream.last_stats["on_policy"] and stream.last_stats["generated_tokens"] == 2 * (1 + 2 + 3 + 1)
+    assert stream.last_stats["cut_share"] == 0.5
+    off = flags.index(False)
+    assert not stream.batches(off)[0]["labels"].equal(batches[0]["labels"]) and not stream.last_stats["on_policy"]
+
+
+def _argv(teacher, data, out, *extra):
+    return ["distill", "--teacher", str(teacher), "--student", "nano", "--hidden_size", "32", "--num_layers", "1",
+            "--data", str(data), "--output_dir", str(out), "--max_seq_len", "64", "--batch_size", "4",
+            "--max_new_tokens", "6", "--log_interval", "1", "--seed", "2", *map(str, extra)]
+
+
+def test_on_policy_reverse_kl_runs_and_logs_its_generation(tiny_teacher_dir, tiny_chat, tmp_path):
+    out = tmp_path / "run"
+    assert main(_argv(tiny_teacher_dir, tiny_chat, out, "--on_policy_fraction", 1, "--divergence", "reverse_kl",
+                      "--max_steps", 2)) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert r["on_policy"] is True and r["generated_tokens"] > 0 and r["step_seconds"] > 0
+        assert 0 <= r["cut_share"] <= 1 and r["mean_completion_tokens"] <= 6
+        assert torch.isfinite(torch.tensor(r["kd_loss"]))
+    assert (out / "model.safetensors").is_file()
+
+
+def test_the_student_replies_are_scored_by_the_teacher_on_the_completion(tiny_teacher_dir, tiny_chat, tmp_path):
+    from lmdistill.train.loop import Trainer
+
+    trainer = Trainer(parse_args("distill", _argv(tiny_teacher_dir, tiny_chat, tmp_path, "--on_policy_fraction", 1,
+                                                  "--divergence", "jsd")[1:]))
+    batches = trainer.micro_batches(0)
+    n = sum(len(b["example_index"]) for b in batches)
+    last = trainer.source.last_stats
+    finished = round((1 - last["cut_share"]) * n)
+    trained = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    assert trained == last["generated_tokens"] + finished  # every reply token, plus each stop token produced
+    stats = trainer.accumulate(batches)
+    assert stats["trained_tokens"] == trained and stats["kd_loss"] > 0
+
+
+def test_a_teacher_cache_cannot_score_student_replies(tiny_teacher_dir, tiny_chat, tmp_path, capsys):
+    argv = _argv(tiny_teacher_dir, tiny_chat, tmp_path / "run", "--on_policy_fraction", 0.5)
+    i = argv.index("--teacher")
+    argv[i : i + 2] = ["--teacher_cache", str(tmp_path)]
+    assert main(argv) == 1
+    assert "cannot score replies the student writes" in capsys.readouterr().err
+
+
+def test_gkd_resume_reproduces_the_straight_run(tiny_teacher_dir, tiny_chat, tmp_path):
+    def run(out, env=None, *extra):
+        cmd = [sys.executable, "-m", "lmdistill", *_argv(tiny_teacher_dir, tiny_chat, out, "--on_policy_fraction",
+                                                          0.5, "--max_steps", 6, "--save_interval", 2, *extra)[0:]]
+        return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True,
+                              text=True, timeout=300)
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run(straight).returncode == 0
+    assert run(killed, {"LMDISTILL_KILL_AT_STEP": "5"}).returncode == -9
+    resumed = run(killed, None, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    def last(out):
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["on_policy"], r["generated_tokens"] if r["on_policy"] else 0, r["loss"]) for r in rows]
+
+    a, b = last(straight), last(killed)
+    assert [x[:3] for x in a] == [x[:3] for x in b] and any(x[1] for x in a) and not all(x[1] for x in a)
+    assert a[-1][3] == pytest.approx(b[-1][3], rel=1e-5)
