@@ -8,7 +8,8 @@ import pytest
 
 from lmdistill.cli import main
 from lmdistill.errors import LmdistillError
-from lmdistill.generate import load_prompts, prompt_key
+from lmdistill.data import load_prompts
+from lmdistill.generate import prompt_key
 
 
 def _write(path, records):

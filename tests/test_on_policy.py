@@ -120,3 +120,17 @@ def test_gkd_resume_reproduces_the_straight_run(tiny_teacher_dir, tiny_chat, tmp
     a, b = last(straight), last(killed)
     assert [x[:3] for x in a] == [x[:3] for x in b] and any(x[1] for x in a) and not all(x[1] for x in a)
     assert a[-1][3] == pytest.approx(b[-1][3], rel=1e-5)
+
+
+def test_a_prompts_only_file_is_enough_when_fully_on_policy(tiny_teacher_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": f"the dog finds {i}"}]}) + "\n"
+                               for i in range(12)))
+    out = tmp_path / "run"
+    assert main(_argv(tiny_teacher_dir, prompts, out, "--on_policy_fraction", 1, "--max_steps", 2)) == 0
+    assert "12 prompts (fully on-policy" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["on_policy"] and r["trained_tokens"] > 0 for r in rows)
+    assert main(_argv(tiny_teacher_dir, prompts, tmp_path / "half", "--on_policy_fraction", 0.5,
+                      "--max_steps", 2)) == 1  # off-policy steps need the dataset's replies
+    assert "prompts.jsonl:1: a conversation without any assistant turn" in capsys.readouterr().err

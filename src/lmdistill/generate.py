@@ -26,7 +26,6 @@ from typing import Any
 from lmdistill.errors import LmdistillError
 
 Messages = list[dict[str, Any]]
-_PLACEHOLDER_REPLY = {"prompt_completion": "completion", "alpaca": "output"}  # prompt-only records of these shapes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,43 +58,6 @@ def prompt_key(messages: Messages) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=12).hexdigest()
 
 
-def load_prompts(path: str | Path, data_format: str = "auto") -> list[Messages]:
-    """The prompt turns of every record: a conversation up to (not including) its final assistant reply."""
-    from lmdistill.data import detect_format, parse_record, read_records
-    from lmdistill.data.formats import normalize_format
-
-    fmt, prompts = normalize_format(data_format), []
-    for location, record in read_records(path):
-        try:
-            record_format = detect_format(_with_placeholder(record)) if fmt == "auto" else fmt
-            messages = parse_record(_with_placeholder(record, record_format), record_format)
-            if isinstance(messages, str):
-                raise LmdistillError("a plain-text record has no prompt; expected conversations or prompts.")
-            if record_format in _PLACEHOLDER_REPLY and not record.get(_PLACEHOLDER_REPLY[record_format]):
-                messages = messages[:-1]  # the placeholder reply
-            while messages and messages[-1].get("role") == "assistant":
-                messages = messages[:-1]
-            if not any(m.get("role") == "user" for m in messages):
-                raise LmdistillError("no user turn to reply to.")
-        except LmdistillError as exc:
-            raise LmdistillError(f"{location}: {exc}") from None
-        fmt = record_format
-        prompts.append(messages)
-    if not prompts:
-        raise LmdistillError(f"{path}: empty file: no prompts found.")
-    return prompts
-
-
-def _with_placeholder(record: dict, record_format: str | None = None) -> dict:
-    """Prompt-only prompt/completion and alpaca records parse with an empty reply filled in."""
-    out = dict(record)
-    for fmt, key in _PLACEHOLDER_REPLY.items():
-        if record_format in (None, fmt) and not out.get(key) and (("prompt" in out) if fmt == "prompt_completion"
-                                                                    else ("instruction" in out)):
-            out[key] = "."
-    return out
-
-
 def _existing(path: Path) -> dict[str, int]:
     """Samples already written per prompt key; a last line cut by a kill is removed first."""
     if not path.exists():
@@ -122,7 +84,7 @@ def _existing(path: Path) -> dict[str, int]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from lmdistill.data import check_data_path, render_prompt
+    from lmdistill.data import check_data_path, load_prompts, render_prompt
     from lmdistill.models import load_model
     from lmdistill.models.generation import generate_replies
     from lmdistill.models.loading import check_device, check_model_ref

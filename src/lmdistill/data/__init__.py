@@ -10,6 +10,7 @@ Modules: `readers` (files -> records), `formats` (record shapes), `render` (chat
 """
 
 from lmdistill.data.collate import pad_batch, shift_labels
+from lmdistill.data.prompts import load_prompts, prompt_examples
 from lmdistill.data.formats import ACCEPTED_SHAPES, FORMATS, detect_format, parse_record, record_texts
 from lmdistill.data.loader import DataStats, Examples, iter_texts, load_examples
 from lmdistill.data.readers import check_data_path, read_records
@@ -23,7 +24,6 @@ from lmdistill.data.render import (
 
 __all__ = [
     "ACCEPTED_SHAPES", "CHATML_TEMPLATE", "DataStats", "Examples", "FORMATS", "IGNORE_INDEX", "check_data_path",
-    "detect_format",
-    "iter_texts", "load_examples", "pad_batch", "parse_record", "read_records", "record_texts",
-    "render_conversation", "render_conversation_examples", "render_prompt", "shift_labels",
+    "detect_format", "iter_texts", "load_examples", "load_prompts", "pad_batch", "parse_record", "prompt_examples",
+    "read_records", "record_texts", "render_conversation", "render_conversation_examples", "render_prompt", "shift_labels",
 ]

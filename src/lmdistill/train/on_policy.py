@@ -18,16 +18,16 @@ import random
 from typing import Callable, Sequence
 
 from lmdistill.data import IGNORE_INDEX, pad_batch
-from lmdistill.errors import LmdistillError
 from lmdistill.train.batches import BatchSource, DatasetStream
 
 
 def last_prompt(example: dict) -> list[int]:
-    """The tokens before an example's last trained span (its last assistant reply)."""
+    """The tokens before an example's last trained span (its last assistant reply); an example with nothing
+    trained is all prompt (`lmdistill.data.prompt_examples`)."""
     labels = example["labels"]
     trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
     if not trained:
-        raise LmdistillError("an example without a trained token has no reply to replace.")
+        return list(example["input_ids"])
     start = trained[-1]
     while start > 0 and labels[start - 1] != IGNORE_INDEX:
         start -= 1

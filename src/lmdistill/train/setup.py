@@ -67,23 +67,29 @@ def teacher_dtypes(args) -> list[str]:
 def build(args: argparse.Namespace, plan, device, is_main: bool) -> Setup:
     """Everything the loop needs, from the options of `train` or `distill` already checked by `preflight.check`
     (`plan` holds the tokenizer it resolved)."""
-    from lmdistill.data import load_examples
+    from lmdistill.data import load_examples, prompt_examples
 
     tokenizer, teacher = plan.tokenizer, None
     if args.command == "train":
         student = build_student(args, args.model, tokenizer, device)
     else:
         teacher, student = build_teacher(args, tokenizer, device, is_main)
-    examples = load_examples(args.data, tokenizer, args.max_seq_len, args.data_format, args.skip_bad_records)
+    if getattr(args, "on_policy_fraction", 0) >= 1:  # every reply is the student's: the data's prompts suffice
+        examples = prompt_examples(args.data, tokenizer, args.max_seq_len, args.data_format)
+        if is_main:
+            print(f"train data: {args.data}: {len(examples):,} prompts (fully on-policy: the student writes every "
+                  "reply)")
+    else:
+        examples = load_examples(args.data, tokenizer, args.max_seq_len, args.data_format, args.skip_bad_records)
+        if is_main:
+            print(f"train data: {examples.stats.summary()}")
     if teacher is not None:
         teacher.check_examples(examples)
     eval_examples = None
     if args.eval_data:
         eval_examples = load_examples(args.eval_data, tokenizer, args.max_seq_len, args.data_format, args.skip_bad_records)
-    if is_main:
-        print(f"train data: {examples.stats.summary()}")
-        if eval_examples is not None:
-            print(f"eval data: {eval_examples.stats.summary()}")
+    if is_main and eval_examples is not None:
+        print(f"eval data: {eval_examples.stats.summary()}")
     return Setup(tokenizer, student, teacher, examples, eval_examples)
 
 
