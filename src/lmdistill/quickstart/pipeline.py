@@ -12,7 +12,6 @@ Every stage writes into one output folder:
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
@@ -117,52 +116,49 @@ def make_data(out: Path, recipe: Recipe, seed: int, clock: Clock) -> dict:
 
 
 # -- training ------------------------------------------------------------------------------------------
-def train_args(command: str, argv: list[str]) -> argparse.Namespace:
-    """Options for `lmdistill train/distill`, parsed exactly as the CLI parses them."""
-    from lmdistill.cli import parse_args
-
-    return parse_args(command, argv)
-
-
-def run_training(command: str, argv: list[str]) -> float:
-    """One Trainer run; returns its seconds. A Ctrl-C that stopped the run stops the quickstart too."""
+def run_training(config) -> float:
+    """One Trainer run of a `TrainConfig`/`DistillConfig`; returns its seconds. A Ctrl-C that stopped the run
+    stops the quickstart too."""
+    from lmdistill.api import to_args
     from lmdistill.train.loop import Trainer
 
     start = time.perf_counter()
-    trainer = Trainer(train_args(command, argv))
+    trainer = Trainer(to_args(config))
     trainer.train()  # restores the caller's SIGINT/SIGTERM handlers when it returns
     if trainer.stop_signal:
         raise KeyboardInterrupt
     return time.perf_counter() - start
 
 
-def common_flags(recipe: Recipe, seed: int, device: str, steps: int, data: Path, out: Path) -> list[str]:
-    return ["--data", str(data), "--output_dir", str(out), "--max_steps", str(steps),
-            "--batch_size", str(recipe.batch_size), "--max_seq_len", str(recipe.max_seq_len),
-            "--learning_rate", str(recipe.learning_rate), "--warmup_iters", str(recipe.warmup_iters),
-            "--seed", str(seed), "--device", device, "--log_interval", str(max(1, steps // 40))]
+def common_options(recipe: Recipe, seed: int, device: str, steps: int, data: Path, out: Path) -> dict:
+    """The options every quickstart run shares (fields of `TrainConfig` and `DistillConfig`)."""
+    return dict(data=str(data), output_dir=str(out), max_steps=steps, batch_size=recipe.batch_size,
+                max_seq_len=recipe.max_seq_len, learning_rate=recipe.learning_rate, warmup_iters=recipe.warmup_iters,
+                seed=seed, device=device, log_interval=max(1, steps // 40))
 
 
 def train_models(out: Path, recipe: Recipe, seed: int, device: str, clock: Clock) -> dict[str, dict]:
     """Teacher on all the training data, then two students on the same 20% with the same steps and seed."""
+    from lmdistill.api import DistillConfig, TrainConfig
+
     data, tok = out / "data", str(out / "tokenizer")
     runs = {
-        "teacher": ("train", recipe.teacher_steps, data / "teacher_train.jsonl",
-                    ["--model", recipe.teacher, "--num_layers", str(recipe.teacher_layers), "--tokenizer", tok]),
-        "student_ce": ("train", recipe.student_steps, data / "student_train.jsonl",
-                       ["--model", recipe.student, "--tokenizer", tok]),
-        "student_kd": ("distill", recipe.student_steps, data / "student_train.jsonl",
-                       ["--teacher", str(out / "teacher"), "--student", recipe.student, "--divergence",
-                        recipe.divergence, "--temperature", str(recipe.temperature), "--alpha", str(recipe.alpha)]),
+        "teacher": (TrainConfig, recipe.teacher_steps, data / "teacher_train.jsonl",
+                    dict(model=recipe.teacher, num_layers=recipe.teacher_layers, tokenizer=tok)),
+        "student_ce": (TrainConfig, recipe.student_steps, data / "student_train.jsonl",
+                       dict(model=recipe.student, tokenizer=tok)),
+        "student_kd": (DistillConfig, recipe.student_steps, data / "student_train.jsonl",
+                       dict(teacher=[str(out / "teacher")], student=recipe.student, divergence=recipe.divergence,
+                            temperature=recipe.temperature, alpha=recipe.alpha)),
     }
     what = {"teacher": f"{recipe.teacher} with {recipe.teacher_layers} layers, all the training data",
             "student_ce": f"{recipe.student}, cross-entropy on {recipe.student_fraction:.0%} of it",
             "student_kd": f"{recipe.student}, {recipe.divergence} to the teacher (T={recipe.temperature:g}, "
                           f"alpha={recipe.alpha:g}) on the same {recipe.student_fraction:.0%}"}
     info = {}
-    for name, (command, steps, path, extra) in runs.items():
-        clock.say(name, f"`lmdistill {command}` {what[name]}, {steps} steps")
-        seconds = run_training(command, common_flags(recipe, seed, device, steps, path, out / name) + extra)
+    for name, (config, steps, path, extra) in runs.items():
+        clock.say(name, f"`lmdistill {config.command}` {what[name]}, {steps} steps")
+        seconds = run_training(config(**common_options(recipe, seed, device, steps, path, out / name), **extra))
         info[name] = {"train_steps": steps, "train_seconds": round(seconds, 1)}
         clock.say(name, f"trained in {seconds:.1f}s -> {out / name}")
     return info
