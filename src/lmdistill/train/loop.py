@@ -30,7 +30,7 @@ from accelerate.utils import DistributedType
 
 from lmdistill.errors import LmdistillError
 from lmdistill.data import shift_labels
-from lmdistill.eval.lm import evaluate_lm
+from lmdistill.train.evaluate import evaluate_lm
 from lmdistill.losses import fused_cross_entropy_parts, fused_teacher_distillation_loss_parts
 from lmdistill.models import forward_hidden, lm_head_of
 from lmdistill.models.hidden import full_weights
