@@ -134,3 +134,25 @@ def test_a_prompts_only_file_is_enough_when_fully_on_policy(tiny_teacher_dir, tm
     assert main(_argv(tiny_teacher_dir, prompts, tmp_path / "half", "--on_policy_fraction", 0.5,
                       "--max_steps", 2)) == 1  # off-policy steps need the dataset's replies
     assert "prompts.jsonl:1: a conversation without any assistant turn" in capsys.readouterr().err
+
+
+def test_two_ranks_each_write_their_own_replies(tiny_teacher_dir, tiny_chat, tmp_path):
+    """DDP: each rank generates for its own prompts; the step's gradients come out finite and synchronized."""
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    out = tmp_path / "grads.pt"
+    argv = _argv(tiny_teacher_dir, tiny_chat, tmp_path / "run", "--on_policy_fraction", 1, "--device", "cpu")[1:]
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(tests / "ddp_worker.py"), str(out), "distill", *argv, "--batch_size", "2"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tests)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    grads = torch.load(out)
+    assert grads and all(torch.isfinite(g).all() for g in grads.values())
+    assert sum(float(g.abs().sum()) for g in grads.values()) > 0
