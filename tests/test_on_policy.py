@@ -156,3 +156,34 @@ def test_two_ranks_each_write_their_own_replies(tiny_teacher_dir, tiny_chat, tmp
     grads = torch.load(out)
     assert grads and all(torch.isfinite(g).all() for g in grads.values())
     assert sum(float(g.abs().sum()) for g in grads.values()) > 0
+
+
+def test_a_two_rank_on_policy_run_resumes_exactly(tiny_teacher_dir, tiny_chat, tmp_path):
+    """Every rank's sampling RNG is in the checkpoint, so each rank writes the same completions after a resume."""
+    import socket
+
+    def run(out, env=None, *extra):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        argv = _argv(tiny_teacher_dir, tiny_chat, out, "--on_policy_fraction", 1, "--max_steps", 4, "--save_interval",
+                     2, "--device", "cpu", "--batch_size", 2, *extra)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "lmdistill", *argv]
+        return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True,
+                              text=True, timeout=300)
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = run(straight)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run(killed, {"LMDISTILL_KILL_AT_STEP": "3"}).returncode != 0
+    resumed = run(killed, None, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def rows(out):
+        return [(r["step"], r["generated_tokens"], r["loss"]) for r in
+                map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+    a, b = rows(straight), rows(killed)
+    assert [x[:2] for x in a] == [x[:2] for x in b]
+    assert a[-1][2] == pytest.approx(b[-1][2], rel=1e-5)

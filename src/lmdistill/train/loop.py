@@ -220,15 +220,18 @@ class Trainer:
                                 progress=False, temperature=a.generation_temperature, top_p=a.generation_top_p)
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def training_state(self) -> dict:
+    def training_state(self, rng_per_rank: list) -> dict:
         return {"step": self.global_step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": ckpt.rng_state(), "config": vars(self.args)}
+                "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank, "config": vars(self.args)}
 
     def save_checkpoint(self) -> Path | None:
+        from accelerate.utils import gather_object
+
         path = None
+        rng = gather_object([ckpt.rng_state()]) if self.world > 1 else [ckpt.rng_state()]  # every rank's sampling
         if self.acc.is_main_process:
             path = ckpt.save_checkpoint(self.out, self.global_step, self.acc.unwrap_model(self.model), self.tokenizer,
-                                        self.training_state(), self.args.keep_checkpoints)
+                                        self.training_state(rng), self.args.keep_checkpoints)
         self.acc.wait_for_everyone()
         return path
 
@@ -237,7 +240,8 @@ class Trainer:
         ckpt.load_model_weights(self.acc.unwrap_model(self.model), folder)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank") or []
+        ckpt.set_rng_state(per_rank[self.rank] if len(per_rank) == self.world else state["rng"])
         self.global_step = state["step"]
         if self.acc.is_main_process:
             _truncate_metrics(self.out / "metrics.jsonl", self.global_step)
