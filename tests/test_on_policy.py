@@ -187,3 +187,23 @@ def test_a_two_rank_on_policy_run_resumes_exactly(tiny_teacher_dir, tiny_chat, t
     a, b = rows(straight), rows(killed)
     assert [x[:2] for x in a] == [x[:2] for x in b]
     assert a[-1][2] == pytest.approx(b[-1][2], rel=1e-5)
+
+
+def test_text_blocks_stay_off_policy_beside_conversations(tiny_teacher_dir, tmp_path):
+    """A file mixing documents and conversations: on an on-policy step the conversations' replies are the
+    student's, the text blocks (no prompt) are trained as they are."""
+    tok = load_tokenizer(tiny_teacher_dir)
+    examples = [{"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8]},  # a text block: every token trained
+                {"input_ids": [9, 10, 11, 12], "labels": [-100, -100, 11, 12]}]  # prompt [9, 10], reply [11, 12]
+    seen = []
+
+    def fake_generate(prompts):
+        seen.extend(prompts)
+        return [Reply("", [20, 21], True, 1) for _ in prompts]
+
+    stream = OnPolicyStream(DatasetStream(examples, tok.pad_token_id, 2, 1, seed=0), 1.0, 0, fake_generate)
+    batch = stream.batches(0)[0]
+    assert seen == [[9, 10]]
+    rows = {tuple(r[r != tok.pad_token_id].tolist()) for r in batch["input_ids"]}
+    assert rows == {(5, 6, 7, 8), (9, 10, 20, 21, 1)}
+    assert stream.last_stats["generated_tokens"] == 2

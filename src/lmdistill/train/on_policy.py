@@ -8,6 +8,9 @@ produced) is then scored by the teacher and the loss is taken on the completion 
 divergence, temperature and top_k the run uses: `--divergence reverse_kl --on_policy_fraction 1` is on-policy
 reverse KL, `--divergence jsd --jsd_beta B --on_policy_fraction L` is GKD. Other steps use the dataset's replies.
 
+Examples without a prompt (plain-text blocks, where every token is trained) stay as they are on such steps, so a
+file mixing documents and conversations distills the documents off-policy and the conversations on-policy.
+
 Which steps are on-policy is a function of (seed, step) alone, and the sampling draws from torch's RNG, whose
 state the checkpoints keep: a resumed run writes the same completions as the uninterrupted one.
 """
@@ -57,9 +60,12 @@ class OnPolicyStream(BatchSource):
             return batches
         out, generated, cut, n = [], 0, 0, 0
         for batch in batches:
-            prompts = [last_prompt(self.dataset.examples[i]) for i in batch["example_index"]]
-            replies = self.generate(prompts)
-            examples = [completion_example(p, r) for p, r in zip(prompts, replies)]
+            examples = [self.dataset.examples[i] for i in batch["example_index"]]
+            prompts = [last_prompt(ex) for ex in examples]
+            rows = [k for k, p in enumerate(prompts) if p]  # a text block has no prompt: it stays off-policy
+            replies = self.generate([prompts[k] for k in rows]) if rows else []
+            for k, reply in zip(rows, replies):
+                examples[k] = completion_example(prompts[k], reply)
             padded = pad_batch(examples, self.dataset.pad)
             out.append({**{k: v.to(self.dataset.device) for k, v in padded.items()},
                         "example_index": batch["example_index"]})
