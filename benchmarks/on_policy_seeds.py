@@ -28,9 +28,9 @@ but a data file still has one record shape (`load_examples` refuses a text file 
 the questions cannot be conversations beside the documents in one run. At on_policy_fraction 1 `prompt_examples`
 refuses the file ("a plain-text record has no prompt"). A block is not a prompt anyway: it cuts documents and
 questions at arbitrary points. So on-policy steps get the only records that are prompts: the 20%'s
-question/answer pairs, recovered from the file (each text that round-trips through the quickstart's rendering, `pipeline._as_text`) and
-written as conversations. But the world's knowledge -- people's habits, which the held-out questions ask about
--- is in the documents; a student trained on the questions alone never sees it. So the on-policy arms first get
+question/answer pairs, recovered from the file (each text that round-trips through the quickstart's rendering,
+`pipeline._as_text`) and written as conversations. But the world's knowledge -- people's habits, which the
+held-out questions ask about -- is in the documents; a student trained on the questions alone never sees it. So the on-policy arms first get
 what the `kd` arm gets (off-policy KD on the whole 20%) for S - S2 steps -- one shared run per seed, as GKD
 starts from a trained student -- and then spend their last S2 = `--phase2_share` x S steps on-policy on the
 questions. `kd_qa` spends those S2 steps off-policy on the same questions, so gkd/rkl vs kd_qa isolates
@@ -220,7 +220,8 @@ def summarize(runs: list[dict]) -> dict:
 
 def table(runs: list[dict], summary: dict) -> str:
     names = [m for m in ("teacher", *ARMS) if m in summary]
-    lines = [f"{'arm':<8} {'held-out ppl':>16} {'exact match':>16} {'seconds':>8}   per seed: ppl, exact match [95% CI]"]
+    lines = [f"{'arm':<8} {'held-out ppl':>16} {'exact match':>16} {'seconds':>8}   "
+             "per seed: ppl, exact match [95% CI]"]
     for m in names:
         s = summary[m]
         seeds = "; ".join(f"{r['seed']}: {r['models'][m]['ppl']:.2f}, {r['models'][m]['accuracy']:.1%} "
@@ -230,7 +231,8 @@ def table(runs: list[dict], summary: dict) -> str:
     for arm in ("gkd", "rkl"):
         d = summary.get(f"{arm}_minus_kd_qa")
         if d:
-            lines.append(f"{arm} - kd_qa: ppl {d['ppl']['mean']:+.2f} (range {d['ppl']['min']:+.2f}..{d['ppl']['max']:+.2f}), "
+            lines.append(f"{arm} - kd_qa: ppl {d['ppl']['mean']:+.2f} (range {d['ppl']['min']:+.2f}.."
+                         f"{d['ppl']['max']:+.2f}), "
                          f"exact match {d['accuracy']['mean']:+.1%} (range {d['accuracy']['min']:+.1%}.."
                          f"{d['accuracy']['max']:+.1%})")
     for arm in PHASE2:  # phase 2 only: the same question data, off- and on-policy steps

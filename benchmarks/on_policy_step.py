@@ -1,6 +1,6 @@
 """One on-policy distillation step on CPU: lmdistill's Trainer vs TRL's `DistillationTrainer`.
 
-    python benchmarks/on_policy_step.py               # 8 steps x 4 processes each, ~1 min -> benchmarks/results/on_policy_step_cpu.json
+    python benchmarks/on_policy_step.py      # 8 steps x 4 processes each, ~1 min -> results/on_policy_step_cpu.json
     python benchmarks/on_policy_step.py --steps 3 --rounds 1 --out /tmp/ops.json     # smoke run
 
 One step = the student samples a completion (up to 64 new tokens, temperature 1, KV cache) for each of 8 prompts,
