@@ -30,9 +30,9 @@ refuses the file ("a plain-text record has no prompt"). A block is not a prompt 
 questions at arbitrary points. So on-policy steps get the only records that are prompts: the 20%'s
 question/answer pairs, recovered from the file (each text that round-trips through the quickstart's rendering,
 `pipeline._as_text`) and written as conversations. But the world's knowledge -- people's habits, which the
-held-out questions ask about -- is in the documents; a student trained on the questions alone never sees it. So the on-policy arms first get
-what the `kd` arm gets (off-policy KD on the whole 20%) for S - S2 steps -- one shared run per seed, as GKD
-starts from a trained student -- and then spend their last S2 = `--phase2_share` x S steps on-policy on the
+held-out questions ask about -- is in the documents; a student trained on the questions alone never sees it.
+So the on-policy arms first get what the `kd` arm gets (off-policy KD on the whole 20%) for S - S2 steps -- one
+shared run per seed, as GKD starts from a trained student -- and then spend their last S2 = `--phase2_share` x S steps on-policy on the
 questions. `kd_qa` spends those S2 steps off-policy on the same questions, so gkd/rkl vs kd_qa isolates
 on-policy vs off-policy; kd (S steps on the 20%) is the reference without a question-only phase. Phase 2 is a
 new run from phase 1's weights: same learning rate, its own warmup and cosine decay, a fresh optimizer; the
