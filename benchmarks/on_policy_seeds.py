@@ -19,24 +19,23 @@ and seed, for the same total number of optimizer steps S (`Recipe.student_steps`
     gkd     the same first phase, then S2 steps of GKD on the questions: on_policy_fraction 0.5, JSD beta 0.5
     rkl     the same first phase, then S2 steps of on-policy reverse KL on the questions: on_policy_fraction 1
 
-Why the on-policy arms have two phases. The quickstart's student file is plain text: its question/answer pairs
-are rendered into the chat template and written as `{"text": ...}` records, so `load_examples` packs the whole
-file into 128-token blocks in which every token is trained. `train.on_policy.last_prompt` of such a block is the
-tokens before its last trained span -- here none (every token is trained), an empty prompt. When this was measured
-a GKD step on it stopped in `generate_replies` ("an empty prompt"); since ed1bf6c such blocks stay off-policy,
-but a data file still has one record shape (`load_examples` refuses a text file with conversation records), so
-the questions cannot be conversations beside the documents in one run. At on_policy_fraction 1 `prompt_examples`
-refuses the file ("a plain-text record has no prompt"). A block is not a prompt anyway: it cuts documents and
-questions at arbitrary points. So on-policy steps get the only records that are prompts: the 20%'s
-question/answer pairs, recovered from the file (each text that round-trips through the quickstart's rendering,
-`pipeline._as_text`) and written as conversations. But the world's knowledge -- people's habits, which the
-held-out questions ask about -- is in the documents; a student trained on the questions alone never sees it.
-So the on-policy arms first get what the `kd` arm gets (off-policy KD on the whole 20%) for S - S2 steps -- one
-shared run per seed, as GKD starts from a trained student -- and then spend their last S2 = `--phase2_share` x S steps on-policy on the
-questions. `kd_qa` spends those S2 steps off-policy on the same questions, so gkd/rkl vs kd_qa isolates
-on-policy vs off-policy; kd (S steps on the 20%) is the reference without a question-only phase. Phase 2 is a
-new run from phase 1's weights: same learning rate, its own warmup and cosine decay, a fresh optimizer; the
-same for the three.
+Why the on-policy arms have two phases. The quickstart's student file is plain text: its question/answer pairs are
+rendered into the chat template and written as `{"text": ...}` records, so `load_examples` packs the whole file
+into 128-token blocks in which every token is trained. `train.on_policy.last_prompt` of such a block is the tokens
+before its last trained span -- here none (every token is trained), an empty prompt. When this was measured a GKD
+step on it stopped in `generate_replies` ("an empty prompt"); since ed1bf6c such blocks stay off-policy, but a data
+file still has one record shape (`load_examples` refuses a text file with conversation records), so the questions
+cannot be conversations beside the documents in one run. At on_policy_fraction 1 `prompt_examples` refuses the file
+("a plain-text record has no prompt"). A block is not a prompt anyway: it cuts documents and questions at arbitrary
+points. So on-policy steps get the only records that are prompts: the 20%'s question/answer pairs, recovered from
+the file (each text that round-trips through the quickstart's rendering, `pipeline._as_text`) and written as
+conversations. But the world's knowledge -- people's habits, which the held-out questions ask about -- is in the
+documents; a student trained on the questions alone never sees it. So the on-policy arms first get what the `kd`
+arm gets (off-policy KD on the whole 20%) for S - S2 steps -- one shared run per seed, as GKD starts from a trained
+student -- and then spend their last S2 = `--phase2_share` x S steps on-policy on the questions. `kd_qa` spends
+those S2 steps off-policy on the same questions, so gkd/rkl vs kd_qa isolates on-policy vs off-policy; kd (S steps
+on the 20%) is the reference without a question-only phase. Phase 2 is a new run from phase 1's weights: same
+learning rate, its own warmup and cosine decay, a fresh optimizer; the same for the three.
 
 Wall seconds of each run are recorded (phase 1 counted once per arm it feeds); on-policy steps also log the
 mean completion length and cut share. Nothing else should run on the cores meanwhile (see the README).
