@@ -8,8 +8,9 @@ produced) is then scored by the teacher and the loss is taken on the completion 
 divergence, temperature and top_k the run uses: `--divergence reverse_kl --on_policy_fraction 1` is on-policy
 reverse KL, `--divergence jsd --jsd_beta B --on_policy_fraction L` is GKD. Other steps use the dataset's replies.
 
-Examples without a prompt (plain-text blocks, where every token is trained) stay as they are on such steps, so a
-file mixing documents and conversations distills the documents off-policy and the conversations on-policy.
+Examples without a prompt (plain-text blocks, where every token is trained) stay as they are on such steps instead
+of failing (a data file holds one record shape, so today this matters for plain-text data, which on-policy steps
+then leave unchanged).
 
 Which steps are on-policy is a function of (seed, step) alone, and the sampling draws from torch's RNG, whose
 state the checkpoints keep: a resumed run writes the same completions as the uninterrupted one.
