@@ -97,3 +97,19 @@ def test_generate_errors_are_one_line(tiny_teacher_dir, tmp_path, capsys):
     out.write_text("not json\n")
     assert _generate(tiny_teacher_dir, _prompts(tmp_path), out) == 1
     assert "gen.jsonl:1: expected a line written by `lmdistill generate`" in capsys.readouterr().err
+
+
+def test_top_k_and_prompt_length_options(tiny_teacher_dir, tmp_path, monkeypatch):
+    import lmdistill.models.generation as generation
+
+    seen = {}
+    real = generation.generate_replies
+
+    def spy(model, tokenizer, prompts, **kwargs):
+        seen.update(kwargs, longest=max(map(len, prompts)))
+        return real(model, tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_replies", spy)
+    out = tmp_path / "gen.jsonl"
+    assert _generate(tiny_teacher_dir, _prompts(tmp_path), out, "--top_k", 5, "--max_prompt_tokens", 4) == 0
+    assert seen["top_k"] == 5 and seen["longest"] == 4 and len(_lines(out)) == 5

@@ -207,3 +207,21 @@ def test_text_blocks_stay_off_policy_beside_conversations(tiny_teacher_dir, tmp_
     rows = {tuple(r[r != tok.pad_token_id].tolist()) for r in batch["input_ids"]}
     assert rows == {(5, 6, 7, 8), (9, 10, 20, 21, 1)}
     assert stream.last_stats["generated_tokens"] == 2
+
+
+def test_generation_options_reach_the_student_sampler(tiny_teacher_dir, tiny_chat, tmp_path, monkeypatch):
+    import lmdistill.models.generation as generation
+    from lmdistill.train.loop import Trainer
+
+    seen = {}
+    real = generation.generate_replies
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_replies", spy)
+    trainer = Trainer(parse_args("distill", _argv(tiny_teacher_dir, tiny_chat, tmp_path, "--on_policy_fraction", 1,
+                                                  "--generation_temperature", 0.7, "--generation_top_p", 0.9)[1:]))
+    trainer.micro_batches(0)
+    assert seen["temperature"] == 0.7 and seen["top_p"] == 0.9 and seen["max_new_tokens"] == 6
