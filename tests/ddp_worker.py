@@ -17,3 +17,4 @@ if __name__ == "__main__":
     if trainer.acc.is_main_process:
         model = trainer.acc.unwrap_model(trainer.model)
         torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out)
+    trainer.close()

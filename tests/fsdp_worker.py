@@ -27,3 +27,4 @@ if __name__ == "__main__":
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
     if trainer.acc.is_main_process:
         torch.save(grads, out)
+    trainer.close()

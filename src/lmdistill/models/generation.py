@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from lmdistill.errors import LmdistillError
+from lmdistill.models.decode import decode
 
 END_OF_TURN = "<|im_end|>"
 
@@ -58,12 +59,16 @@ def generate_replies(model, tokenizer, prompts: Sequence[Sequence[int]], max_new
                      batch_size: int = 16, device=None, eos_token_ids: Sequence[int] | None = None,
                      progress: bool = True, description: str = "generating", temperature: float = 0.0,
                      top_p: float = 1.0, top_k: int = 0,
-                     on_batch: Callable[[list[int], list[Reply]], None] | None = None) -> list[Reply]:
+                     on_batch: Callable[[list[int], list[Reply]], None] | None = None,
+                     backend: str = "auto") -> list[Reply]:
     """Replies to token-id `prompts`, `batch_size` prompts at a time, with a progress bar (tokens/s) on stderr.
 
     `temperature` 0 is greedy; above 0 samples (with `top_p` nucleus and `top_k` truncation; torch's global RNG,
     so seed it for repeatable samples). `on_batch(indices, replies)` is called after each batch with the prompts'
-    indices and their replies (e.g. to write them out as they come)."""
+    indices and their replies (e.g. to write them out as they come). `backend`: "lean" (`models.decode`), "hf"
+    (`transformers`' `generate`), or "auto": whichever benchmarks/generation.py measured faster -- lean for greedy
+    decoding on CPU (1.05-1.10x), generate for sampling (lean 0.88-0.90x) and on GPU (not measured yet). Greedy
+    replies are the same with either."""
     from tqdm import tqdm
     from transformers import GenerationConfig
 
@@ -84,6 +89,9 @@ def generate_replies(model, tokenizer, prompts: Sequence[Sequence[int]], max_new
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, use_cache=True,
                               **sampling)
     device = device or next(model.parameters()).device
+    if backend not in ("auto", "lean", "hf"):
+        raise LmdistillError(f"backend: expected auto, lean or hf, found {backend!r}.")
+    lean = backend == "lean" or (backend == "auto" and torch.device(device).type == "cpu" and temperature == 0)
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -94,9 +102,13 @@ def generate_replies(model, tokenizer, prompts: Sequence[Sequence[int]], max_new
     try:
         for batch in bar:
             input_ids, attention_mask = left_pad([prompts[i] for i in batch], pad)
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 generation_config=config)
-            for i, row in zip(batch, out[:, input_ids.shape[1]:].tolist()):
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            if lean:
+                new = decode(model, input_ids, attention_mask, max_new_tokens, stops, pad, temperature, top_k, top_p)
+            else:
+                new = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                     generation_config=config)[:, input_ids.shape[1]:]
+            for i, row in zip(batch, new.tolist()):
                 replies[i] = _reply(tokenizer, row, set(stops))
             generated += sum(len(replies[i].token_ids) for i in batch)
             bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - t0):.0f}", refresh=False)

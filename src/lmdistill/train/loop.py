@@ -316,6 +316,15 @@ class Trainer:
             print(f"saved the {'student' if self.distilling else 'model'} to {self.out}")
         self.acc.wait_for_everyone()
 
+    def close(self) -> None:
+        """Leave the process group together (a rank that exits while its peer still holds the group can be
+        aborted at interpreter shutdown); a no-op in a single process."""
+        import torch.distributed as dist
+
+        if self.world > 1 and dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     # -- signals -----------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> dict:
         """SIGINT/SIGTERM finish the step and save; returns the handlers they replace (restored after train)."""
@@ -351,4 +360,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def run_training(args) -> int:
-    return Trainer(args).train()
+    trainer = Trainer(args)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

@@ -1,0 +1,82 @@
+"""A lean batched decode loop: one prefill, then one token per step through the model's KV cache.
+
+`transformers`' `generate` does the same work plus per-step machinery (logits processors, stopping criteria,
+cache bookkeeping, full-vocabulary logits of the last position kept in fp32 copies); for the small models of
+on-policy distillation on CPU that machinery is a large share of the step. This loop keeps only what sampling
+needs: left-padded prompts with positions from the attention mask, `logits_to_keep=1`, and the same
+temperature -> top-k -> top-p order as `generate` (greedy when temperature is 0), drawing with the exponential
+race (argmax p / E, E ~ Exp(1)) instead of `torch.multinomial`, the same distribution at a fraction of the cost. Greedy output
+equals `generate`'s token for token (tested); sampled output has `generate`'s distribution but not its random
+stream. `benchmarks/generation.py` measures both.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """Next tokens [B] from last-position logits [B, V]: argmax at temperature 0, else sampled after
+    temperature, top-k and nucleus (top-p) truncation, in `generate`'s order."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    probs = logits.softmax(-1)
+    if top_p >= 1.0:
+        return _draw(probs)
+    # generate drops, in ascending order, the tokens whose cumulative mass is <= 1 - top_p; equivalently, in
+    # descending order, those with at least top_p of mass strictly before them (the first is always kept)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= top_p] = 0.0
+    return order.gather(-1, _draw(sorted_probs)[:, None]).squeeze(-1)
+
+
+def _draw(probs: Tensor) -> Tensor:
+    """One index per row with probability proportional to `probs` (rows need not sum to 1): argmax of p / E with
+    E ~ Exponential(1), an exact sampler that is several times faster than `torch.multinomial` on CPU."""
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+
+
+@torch.no_grad()
+def decode(model, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, stop_ids: Sequence[int],
+           pad_token_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """New tokens [B, <= max_new_tokens] after left-padded prompts [B, T]; rows that stopped are padded with
+    `pad_token_id` after their stop token, and the loop ends when every row has stopped."""
+    stops = torch.as_tensor(list(stop_ids), device=input_ids.device)
+    cache_arg = _cache_argument(model)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    cache, logits, next_position = _cache_of(out), out.logits[:, -1], positions[:, -1:] + 1
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        new_tokens.append(token)
+        finished |= torch.isin(token, stops)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
+                    use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+        cache, logits, next_position = _cache_of(out), out.logits[:, -1], next_position + 1
+    return torch.stack(new_tokens, 1)
+
+
+def _cache_argument(model) -> str:
+    """The forward's name for the KV cache: `cache` in transformers >= 5.2x, `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
