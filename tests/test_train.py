@@ -13,7 +13,6 @@ import torch
 from train_args import make_args
 
 from lmdistill.cli import main
-from lmdistill.errors import LmdistillError
 from lmdistill.train.loop import Trainer
 
 TESTS = Path(__file__).parent

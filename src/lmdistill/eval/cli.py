@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lmdistill.errors import LmdistillError
 from lmdistill.eval.scoring import compile_answer_regex
+from lmdistill.tokenizer import has_tokenizer, load_tokenizer
 
 LM_COLUMNS = ("model", "tokens", "CE", "PPL", "bits/byte", "KL to teacher", "agreement")
 TASK_COLUMNS = ("model", "n", "accuracy", "95% CI", "Rouge-L", "Rouge-L 95% CI", "unfinished")
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     models, tokenizer_paths = _check_args(args)
     torch.manual_seed(0)  # presets get the same random weights on every run
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizers = {path: _load_tokenizer(path) for path in dict.fromkeys(tokenizer_paths)}
+    tokenizers = {path: load_tokenizer(path) for path in dict.fromkeys(tokenizer_paths)}
     if args.task == "lm":
         results, notes = _run_lm(args, models, tokenizer_paths, tokenizers, device)
     else:
@@ -101,26 +102,16 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     return models, _tokenizer_paths(args, models)
 
 
-def _has_tokenizer(path: str | None) -> bool:
-    return bool(path) and any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-
-
 def _tokenizer_paths(args: argparse.Namespace, models: list[str]) -> list[str]:
     """--tokenizer for every model, else each model folder's own, else the first one found (models, teacher)."""
     if args.tokenizer:
         return [args.tokenizer] * len(models)
-    own = [m if _has_tokenizer(m) else None for m in models]
-    fallback = next((p for p in own if p), args.teacher if _has_tokenizer(args.teacher) else None)
+    own = [m if has_tokenizer(m) else None for m in models]
+    fallback = next((p for p in own if p), args.teacher if has_tokenizer(args.teacher) else None)
     if fallback is None:
         raise LmdistillError(f"no tokenizer: --model {models[0]} has no tokenizer files (tokenizer.json) and no "
                              "other model or --teacher does; pass --tokenizer DIR.")
     return [p or fallback for p in own]
-
-
-def _load_tokenizer(path: str):
-    from lmdistill.tokenizer import load_tokenizer
-
-    return load_tokenizer(path)
 
 
 def _run_lm(args, models, tokenizer_paths, tokenizers, device) -> tuple[dict, list[str]]:
@@ -130,7 +121,7 @@ def _run_lm(args, models, tokenizer_paths, tokenizers, device) -> tuple[dict, li
 
     teacher = teacher_vocab = None
     if args.teacher:
-        teacher_tok = _load_tokenizer(args.teacher) if _has_tokenizer(args.teacher) else tokenizers[tokenizer_paths[0]]
+        teacher_tok = load_tokenizer(args.teacher) if has_tokenizer(args.teacher) else tokenizers[tokenizer_paths[0]]
         teacher = load_teacher(args.teacher, dtype=args.dtype, device=device, tokenizer=teacher_tok)
         teacher_vocab = teacher_tok.get_vocab()
     examples, results, notes = {}, {}, []
