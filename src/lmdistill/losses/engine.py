@@ -136,10 +136,12 @@ def _forward_kl_block_(zs: Tensor, zt: Tensor, target: Tensor, cfg: KDConfig, we
 
 
 def _loss_block_(zs: Tensor, zt: Tensor | None, target: Tensor, cfg: KDConfig, weight: float,
-                 want_ce: bool) -> tuple[Tensor, Tensor]:
-    """KD and CE sums of a row block; overwrites zs [R, V] with weight * d loss / d zs (and may overwrite zt)."""
-    if (zt is not None and cfg.divergence == "forward_kl" and (cfg.top_k is None or cfg.top_k >= zs.shape[-1])
-            and (cfg.alpha == 0 or cfg.temperature == 1.0)):
+                 want_ce: bool, kd_w: Tensor | None = None, ce_w: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """KD and CE sums of a row block; overwrites zs [R, V] with weight * d loss / d zs (and may overwrite zt).
+    Row weights (`loss_chunk_`): kd_w [R] multiplies each row's divergence, ce_w [R] replaces alpha as each row's
+    CE coefficient; the sums returned are then weighted too."""
+    if (kd_w is None and ce_w is None and zt is not None and cfg.divergence == "forward_kl"
+            and (cfg.top_k is None or cfg.top_k >= zs.shape[-1]) and (cfg.alpha == 0 or cfg.temperature == 1.0)):
         return _forward_kl_block_(zs, zt, target, cfg, weight, want_ce)
     ce = kd = zs.new_zeros(())
     logq = None
@@ -147,51 +149,63 @@ def _loss_block_(zs: Tensor, zt: Tensor | None, target: Tensor, cfg: KDConfig, w
         grad = torch.zeros_like(zs)
     else:
         value, a, logq = _kd_block(zs, zt, cfg)
-        kd = value.sum()
         # d(T^2 D(z / T))/dz = T * (a - q * sum(a)); forward KL has a = -p with sum(p) = 1: T * (q - p)
         grad = logq.exp()
         grad = grad.add_(a) if cfg.divergence == "forward_kl" else a.sub_(grad.mul_(a.sum(-1, keepdim=True)))
         grad.mul_((1.0 - cfg.alpha) * cfg.temperature * weight)
+        if kd_w is not None:
+            value = value * kd_w
+            grad.mul_(kd_w[:, None])
+        kd = value.sum()
+    ce_grad = cfg.alpha > 0 or ce_w is not None
     logq1 = logq if (cfg.temperature == 1.0 and logq is not None) else None
-    if cfg.alpha > 0 and logq1 is None:
+    if ce_grad and logq1 is None:
         logq1 = torch.log_softmax(zs, -1)
-    if logq1 is not None and (cfg.alpha > 0 or want_ce):
-        ce = -logq1.gather(-1, target[:, None]).sum()
+    if logq1 is not None and (ce_grad or want_ce):
+        nll = -logq1.gather(-1, target[:, None]).squeeze(-1)
+        ce = (nll if ce_w is None else nll * ce_w).sum()
     elif want_ce:  # CE for logging only (alpha = 0 at T != 1): lse(z) - z[label], one pass
         ce = (torch.logsumexp(zs, -1) - zs.gather(-1, target[:, None]).squeeze(-1)).sum()
-    if cfg.alpha > 0:
+    if ce_grad:
         g = logq1.exp().scatter_add_(-1, target[:, None], logq1.new_full((len(target), 1), -1.0))
-        grad.add_(g, alpha=cfg.alpha * weight)
+        if ce_w is None:
+            grad.add_(g, alpha=cfg.alpha * weight)
+        else:
+            grad.add_(g.mul_(ce_w[:, None] * weight))
     zs.copy_(grad)
     return kd, ce
 
 
 def loss_chunk_(zs: Tensor, zt: Tensor | None, target: Tensor, cfg: KDConfig, weight: float,
-                want_ce: bool = True) -> tuple[Tensor, Tensor]:
+                want_ce: bool = True, kd_w: Tensor | None = None, ce_w: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """KD and CE sums over a chunk of trained rows; overwrites zs [C, V] with weight * d loss / d zs.
 
     zs, zt: [C, V] logits in the compute dtype (zt is scratch too: callers pass a buffer of their own;
     None = no teacher, CE only, needs alpha = 1);
     target: [C] label ids (used for CE; with alpha = 0 the CE sum is still returned, for logging, when
-    want_ce says the labels are token ids).
+    want_ce says the labels are token ids);
+    kd_w, ce_w: optional per-row weights [C] (an importance weight, a policy-gradient advantage): the loss is then
+    sum_r [(1 - alpha) T^2 kd_w[r] D_r + ce_w[r] CE_r] (ce_w replaces alpha; either may be omitted).
     """
     rows = max(1, ROW_BLOCK_ELEMENTS // max(1, zs.shape[-1]))
     kd = zs.new_zeros(())
     ce = zs.new_zeros(())
+    cut = lambda w, block: None if w is None else w[block]  # noqa: E731
     for start in range(0, zs.shape[0], rows):
         block = slice(start, start + rows)
         kd_b, ce_b = _loss_block_(zs[block], None if zt is None else zt[block], target[block], cfg, weight,
-                                  want_ce)
+                                  want_ce, cut(kd_w, block), cut(ce_w, block))
         kd += kd_b
         ce += ce_b
     return kd, ce
 
 
-def check_labels(target: Tensor, vocab: int, cfg: KDConfig) -> bool:
-    """Whether every trained label is a token id; CE (alpha > 0) requires it. With alpha = 0 labels may be any
-    non-ignored value (they only mark positions) and the CE sum is then not computed."""
+def check_labels(target: Tensor, vocab: int, cfg: KDConfig, required: bool = False) -> bool:
+    """Whether every trained label is a token id; CE (alpha > 0, or `required`: per-row CE weights) requires it.
+    With alpha = 0 labels may be any non-ignored value (they only mark positions) and the CE sum is then not
+    computed."""
     valid = not target.numel() or bool(target.min() >= 0 and target.max() < vocab)
-    if cfg.alpha > 0 and not valid:
+    if (cfg.alpha > 0 or required) and not valid:
         bad = target[(target < 0) | (target >= vocab)][0].item()
         raise LmdistillError(
             f"labels: expected token ids in [0, {vocab}) or ignore_index={cfg.ignore_index}, found {bad}."

@@ -67,8 +67,9 @@ def _weight(cfg: KDConfig, n: int) -> float:
     return 1.0 / n if (cfg.reduction == "mean" and n > 0) else 1.0
 
 
-def _combine(kd: Tensor, ce: Tensor, cfg: KDConfig, weight: float) -> Tensor:
-    return (cfg.alpha * ce + (1.0 - cfg.alpha) * cfg.temperature**2 * kd) * weight
+def _combine(kd: Tensor, ce: Tensor, cfg: KDConfig, weight: float, ce_weighted: bool = False) -> Tensor:
+    """The loss from its sums; `ce_weighted`: the CE sum already carries per-row coefficients (instead of alpha)."""
+    return ((1.0 if ce_weighted else cfg.alpha) * ce + (1.0 - cfg.alpha) * cfg.temperature**2 * kd) * weight
 
 
 def _check_vocab(vs: int, vt: int, vocab_size: int | None, what: str) -> int:
@@ -160,10 +161,10 @@ def auto_chunk_size(vocab: int, n_rows: int, dtype: torch.dtype = torch.float32)
     return -(-n // -(-n // largest))
 
 
-def _fused_chunks(hs2, Ws, bs, teacher, lab, rows, cfg, chunk, need, want_ce) -> tuple:
+def _fused_chunks(hs2, Ws, bs, teacher, lab, rows, cfg, chunk, need, want_ce, row_weights=(None, None)) -> tuple:
     """Walk trained rows in token chunks: loss sums and gradients (dh [n, H], dW, db) in the compute dtype.
     `teacher(start, r, out)` writes the teacher logits of trained rows [start, start + len(r)) (positions r)
-    into out [len(r), V]; None = CE only."""
+    into out [len(r), V]; None = CE only. `row_weights`: optional per-row (kd, ce) weights [n] (`loss_chunk_`)."""
     dt, n, dev = compute_dtype(hs2.dtype), len(rows), hs2.device
     weight = _weight(cfg, n)
     # dh rows are each written once and dW is set by the first chunk: no zero-filling pass over them.
@@ -178,7 +179,8 @@ def _fused_chunks(hs2, Ws, bs, teacher, lab, rows, cfg, chunk, need, want_ce) ->
         h = hs2.index_select(0, r).to(dt)
         zs = project_logits(h, Ws, bs, zs_buf[: len(r)])
         zt = None if teacher is None else teacher(start, r, zt_buf[: len(r)])
-        kd_c, ce_c = loss_chunk_(zs, zt, lab[r], cfg, weight, want_ce)  # zs now holds d loss / d logits
+        kd_w, ce_w = (None if w is None else w[start : start + chunk].to(dt) for w in row_weights)
+        kd_c, ce_c = loss_chunk_(zs, zt, lab[r], cfg, weight, want_ce, kd_w, ce_w)  # zs: d loss / d logits
         kd, ce = kd + kd_c, ce + ce_c
         if dh is not None:
             dh[start : start + chunk] = _project_back(zs, Ws)
@@ -194,10 +196,14 @@ def _fused_chunks(hs2, Ws, bs, teacher, lab, rows, cfg, chunk, need, want_ce) ->
 class _FusedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, Ws, bs, labels, cfg: KDConfig, chunk: int | None, V: int, parts: LossParts,
-                scores: TeacherScores | None):
+                scores: TeacherScores | None, row_weights: tuple = (None, None)):
         hs2, lab = hs.reshape(-1, hs.shape[-1]), labels.reshape(-1)
         rows = _trained_rows(labels, cfg.ignore_index)
-        want_ce = check_labels(lab[rows], V, cfg)
+        want_ce = check_labels(lab[rows], V, cfg, required=row_weights[1] is not None)
+        for name, w in zip(("kd_weights", "ce_weights"), row_weights):
+            if w is not None and tuple(w.shape) != (len(rows),):
+                raise LmdistillError(f"{name}: expected one weight per trained position ({len(rows)}), found shape "
+                                     f"{tuple(w.shape)}.")
         chunk = chunk or auto_chunk_size(V, len(rows), hs.dtype)
         cut = lambda x: None if x is None else x[:V]  # noqa: E731  (padded vocabulary rows)
         teacher = None if scores is None else scores.block
@@ -206,7 +212,7 @@ class _FusedKD(torch.autograd.Function):
                                  f"labels mark {len(rows)} trained positions; expected one row per position.")
         with torch.autocast(hs.device.type, enabled=False):  # chunk arithmetic is fp32 even under AMP
             kd, ce, weight, dh, dW, db = _fused_chunks(hs2, cut(Ws), cut(bs), teacher, lab, rows, cfg, chunk,
-                                                       ctx.needs_input_grad[:3], want_ce)
+                                                       ctx.needs_input_grad[:3], want_ce, row_weights)
         full_dh = full_dW = full_db = None
         if dh is not None:
             full_dh = hs.new_zeros(hs2.shape).index_copy_(0, rows, dh.to(hs.dtype)).view(hs.shape)
@@ -220,7 +226,7 @@ class _FusedKD(torch.autograd.Function):
         ctx.present = [g is not None for g in grads]
         ctx.save_for_backward(*(g for g in grads if g is not None))
         parts.record(len(rows), ce=ce, **({} if scores is None else {"kd": kd}))
-        return _combine(kd, ce, cfg, weight)
+        return _combine(kd, ce, cfg, weight, ce_weighted=row_weights[1] is not None)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -229,7 +235,7 @@ class _FusedKD(torch.autograd.Function):
         # A detached handle (same storage) lets autograd adopt the gradient as .grad instead of copying it,
         # which for the lm_head weight saves a [V, H] fp32 copy; the saved tensors are freed after backward.
         grads = [None if x is None else (x.detach() if scale == 1.0 else x * scale) for x in grads]
-        return grads[0], grads[1], grads[2], None, None, None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None
 
 
 def _check_shapes(what: str, a: Tensor, b: Tensor, labels: Tensor, dims: tuple[str, str]) -> None:
@@ -278,9 +284,16 @@ def fused_distillation_loss_parts(student_hidden: Tensor, student_lm_head_weight
 
 def fused_teacher_distillation_loss_parts(student_hidden: Tensor, student_lm_head_weight: Tensor,
                                          teacher: TeacherScores, labels: Tensor, *, chunk_size: int | None = None,
-                                         student_lm_head_bias: Tensor | None = None, **options) -> LossParts:
+                                         student_lm_head_bias: Tensor | None = None, kd_weights: Tensor | None = None,
+                                         ce_weights: Tensor | None = None, **options) -> LossParts:
     """The fused loss against any teacher's scores (`lmdistill.losses.scores.TeacherScores`: an online model's
     hidden states, top-k rows of a cache, an ensemble), one row per trained position of `labels`.
+
+    Optional per-position weights [n_trained] (constants, in the order of `labels != ignore_index`):
+    `kd_weights` multiply each position's divergence, `ce_weights` replace alpha as each position's CE coefficient
+    (they may be negative: a policy-gradient advantage), so the summed loss is
+    sum_i [(1 - alpha) T^2 kd_weights[i] D_i + ce_weights[i] CE_i]; the terms then hold the weighted sums
+    (MiniLLM, `lmdistill.losses.minillm`).
 
     A teacher exact only over a top-k (`teacher.k`, a cache) sets `top_k` to k by default and refuses a larger
     one: the loss then equals the online teacher's with the same `top_k` (renormalized over the k tokens at any
@@ -311,7 +324,9 @@ def fused_teacher_distillation_loss_parts(student_hidden: Tensor, student_lm_hea
     if chunk_size is not None and chunk_size < 1:
         raise LmdistillError(f"chunk_size: expected None or an integer >= 1, found {chunk_size}.")
     parts = LossParts()
-    parts.loss = _FusedKD.apply(student_hidden, Ws, student_lm_head_bias, labels, cfg, chunk_size, V, parts, teacher)
+    weights = tuple(None if w is None else w.detach().to(student_hidden.device) for w in (kd_weights, ce_weights))
+    parts.loss = _FusedKD.apply(student_hidden, Ws, student_lm_head_bias, labels, cfg, chunk_size, V, parts, teacher,
+                                weights)
     return parts
 
 

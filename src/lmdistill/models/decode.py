@@ -12,7 +12,8 @@ stream. `benchmarks/generation.py` measures both.
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -43,17 +44,36 @@ def _draw(probs: Tensor) -> Tensor:
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
 
 
+class Stepper:
+    """A causal LM advanced one token at a time through its KV cache: `prefill(input_ids, attention_mask)` on
+    left-padded prompts, then `step(tokens [B])`; each returns the last position's logits [B, V]."""
+
+    def __init__(self, model):
+        self.model, self.cache_arg = model, _cache_argument(model)
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1)
+        self.mask, self.cache, self.next_position = attention_mask, _cache_of(out), positions[:, -1:] + 1
+        return out.logits[:, -1]
+
+    def step(self, tokens: Tensor) -> Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_position,
+                         use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
+        self.cache, self.next_position = _cache_of(out), self.next_position + 1
+        return out.logits[:, -1]
+
+
 @torch.no_grad()
 def decode(model, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, stop_ids: Sequence[int],
            pad_token_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """New tokens [B, <= max_new_tokens] after left-padded prompts [B, T]; rows that stopped are padded with
     `pad_token_id` after their stop token, and the loop ends when every row has stopped."""
     stops = torch.as_tensor(list(stop_ids), device=input_ids.device)
-    cache_arg = _cache_argument(model)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
-    cache, logits, next_position = _cache_of(out), out.logits[:, -1], positions[:, -1:] + 1
+    stepper = Stepper(model)
+    logits = stepper.prefill(input_ids, attention_mask)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     new_tokens = []
     for step in range(max_new_tokens):
@@ -63,11 +83,52 @@ def decode(model, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int
         finished |= torch.isin(token, stops)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                    use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-        cache, logits, next_position = _cache_of(out), out.logits[:, -1], next_position + 1
+        logits = stepper.step(token)
     return torch.stack(new_tokens, 1)
+
+
+class MixedSample(NamedTuple):
+    """`decode_mixed`'s output: tokens [B, L] (pad after a row's stop token) and, for each token, its
+    log-probability [B, L] (fp32, 0 after the stop token) under the student (logq), the teacher (logp) and the
+    mixture it was drawn from (logmix)."""
+
+    tokens: Tensor
+    logq: Tensor
+    logp: Tensor
+    logmix: Tensor
+
+
+@torch.no_grad()
+def decode_mixed(student: Stepper, teacher: Stepper, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
+                 stop_ids: Sequence[int], pad_token_id: int, alpha: float, vocab_size: int) -> MixedSample:
+    """MiniLLM's teacher-mixed sampling: each token drawn from alpha * p + (1 - alpha) * q at temperature 1, p the
+    teacher's and q the student's next-token distribution over the first `vocab_size` ids, both models advanced
+    through their own KV cache. alpha = 0 samples the student alone (the teacher still scores every token)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: expected a value in [0, 1], found {alpha}")
+    stops = torch.as_tensor(list(stop_ids), device=input_ids.device)
+    zs, zt = student.prefill(input_ids, attention_mask), teacher.prefill(input_ids, attention_mask)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    out: list[list[Tensor]] = [[], [], [], []]
+    for step in range(max_new_tokens):
+        logq = torch.log_softmax(zs[:, :vocab_size].float(), -1)
+        logp = torch.log_softmax(zt[:, :vocab_size].float(), -1)
+        if alpha == 0.0:
+            logmix = logq
+        elif alpha == 1.0:
+            logmix = logp
+        else:
+            logmix = torch.logaddexp(logp + math.log(alpha), logq + math.log1p(-alpha))
+        token = _draw(logmix.exp())
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        live = (~finished).float()
+        for values, lp in zip(out, (None, logq, logp, logmix)):
+            values.append(token if lp is None else lp.gather(-1, token.clamp(max=vocab_size - 1)[:, None])[:, 0] * live)
+        finished |= torch.isin(token, stops)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        zs, zt = student.step(token), teacher.step(token)
+    return MixedSample(*(torch.stack(v, 1) for v in out))
 
 
 def _cache_argument(model) -> str:

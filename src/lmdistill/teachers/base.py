@@ -41,6 +41,11 @@ class Teacher:
         scores any text; an offline one's held-out part, or None when it has none for them."""
         return None if self.offline else self
 
+    def stepper(self):
+        """A `lmdistill.models.decode.Stepper`-like object giving its next-token logits one token at a time (for
+        sampling from a teacher-student mixture, MiniLLM); None for a teacher that cannot score new text."""
+        return None
+
     def prepare(self, prepare_model: Callable) -> None:
         """Let the launcher wrap its models (FSDP sharding); a teacher without a model ignores it."""
 

@@ -50,6 +50,26 @@ class EnsembleScores(TeacherScores):
         return out
 
 
+class EnsembleStepper:
+    """The ensemble's next-token logits, one token at a time (`Teacher.stepper`): its members' steppers combined
+    as `EnsembleScores` combines their scores."""
+
+    def __init__(self, steppers: list, weights: list[float], mode: str, vocab_size: int):
+        self.steppers, self.weights, self.mode, self.vocab_size = steppers, weights, mode, vocab_size
+
+    def _combine(self, logits: list[Tensor]) -> Tensor:
+        z = [x[:, : self.vocab_size].float() for x in logits]
+        if self.mode == "logits":
+            return sum(w * x for w, x in zip(self.weights, z))
+        return torch.logsumexp(torch.stack([torch.log_softmax(x, -1) + math.log(w) for w, x in zip(self.weights, z)]), 0)
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self._combine([s.prefill(input_ids, attention_mask) for s in self.steppers])
+
+    def step(self, tokens: Tensor) -> Tensor:
+        return self._combine([s.step(tokens) for s in self.steppers])
+
+
 class EnsembleTeacher(Teacher):
     def __init__(self, members: list[Teacher], weights: list[float] | None = None, mode: str = "logits"):
         if len(members) < 1:
@@ -91,6 +111,11 @@ class EnsembleTeacher(Teacher):
         ensemble = EnsembleTeacher(members, self.weights, self.mode)
         ensemble.name = self.name
         return ensemble
+
+    def stepper(self):
+        steppers = [m.stepper() for m in self._members]
+        return None if any(s is None for s in steppers) else EnsembleStepper(steppers, self.weights, self.mode,
+                                                                             self.vocab_size)
 
     def prepare(self, prepare_model) -> None:
         for m in self._members:

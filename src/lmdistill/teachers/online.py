@@ -37,6 +37,11 @@ class OnlineTeacher(Teacher):
             weight, bias = full_weights(lm_head_of(self.model))
         return ProjectedScores(hidden, weight, bias, self.vocab_size)
 
+    def stepper(self):
+        from lmdistill.models.decode import Stepper
+
+        return Stepper(self.model)
+
     def prepare(self, prepare_model) -> None:
         self.model = prepare_model(self.model)
         self.model.eval()

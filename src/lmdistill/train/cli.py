@@ -141,6 +141,15 @@ def _distill(p: argparse.ArgumentParser) -> None:
       help="on-policy steps: nucleus sampling mass")
     a("--top_k", type=POSITIVE, default=None,
       help="keep the teacher's k largest logits per position (default: the whole vocabulary)")
+    a("--method", default="kd", choices=["kd", "minillm"],
+      help="kd: token-level distillation with --divergence, off- or on-policy (--on_policy_fraction); minillm: "
+           "MiniLLM's policy-gradient sequence-level reverse KL on replies the student samples every step")
+    a("--teacher_mix_alpha", type=UNIT, default=0.2,
+      help="--method minillm: replies are sampled from alpha*teacher + (1-alpha)*student (0: the student alone)")
+    a("--lm_coef", type=float_in(0, None), default=1.0,
+      help="--method minillm: weight of the CE loss on the dataset's own replies (the paper's L_PT; 0: none)")
+    a("--minillm_clip", type=float_in(0, 1, hi_open=True), default=0.2,
+      help="--method minillm: importance weights q/(alpha*p+(1-alpha)*q) are clipped to [1-EPS, 1+EPS]")
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str = "train") -> None:

@@ -36,6 +36,7 @@ from lmdistill.models import forward_hidden, lm_head_of
 from lmdistill.models.hidden import full_weights
 from lmdistill.train import preflight
 from lmdistill.train.batches import DatasetStream
+from lmdistill.train.minillm import MiniLLMStream, sample_mixed
 from lmdistill.train.on_policy import OnPolicyStream
 from lmdistill.train import state as ckpt
 from lmdistill.train.metrics import MetricsLogger
@@ -116,7 +117,9 @@ class Trainer:
             self.teacher.prepare(self.acc.prepare_model)  # sharded too; stays frozen in eval mode
         self.source = DatasetStream(self.examples, self.tokenizer.pad_token_id, args.batch_size,
                                     args.accumulation_steps, args.seed, self.world, self.rank, self.acc.device)
-        if getattr(args, "on_policy_fraction", 0) > 0:
+        if getattr(args, "method", "kd") == "minillm":
+            self.source = MiniLLMStream(self.source, self.minillm_samples, args.lm_coef, args.minillm_clip)
+        elif getattr(args, "on_policy_fraction", 0) > 0:
             self.source = OnPolicyStream(self.source, args.on_policy_fraction, args.seed, self.student_replies)
         self.global_step, self.stop_signal = 0, None
         self._check_head()
@@ -133,13 +136,25 @@ class Trainer:
         return self.source.batches(step)
 
     def micro_loss(self, batch: dict):
-        """Summed loss of one micro-batch (LossParts, reduction "sum") and the MoE aux loss or None."""
+        """Summed loss of one micro-batch (LossParts, reduction "sum") and the MoE aux loss or None. A batch's
+        `objective` picks the loss: none (the run's: CE or distillation), "lm" (`coef` x CE, term "lm") or "minillm"
+        (the weighted single-step reverse KL and policy-gradient terms, "rkl" and "pg")."""
         a = self.args
         targets = shift_labels(batch["labels"])
         out = forward_hidden(self.model, batch["input_ids"], batch["attention_mask"])
         w, b = full_weights(lm_head_of(self.model))
-        if self.teacher is None:
-            return fused_cross_entropy_parts(out.hidden, w, targets, reduction="sum", lm_head_bias=b), out.aux_loss
+        objective = batch.get("objective")
+        if self.teacher is None or objective == "lm":
+            parts = fused_cross_entropy_parts(out.hidden, w, targets, reduction="sum", lm_head_bias=b)
+            if objective == "lm":
+                parts.loss, parts.terms = parts.loss * batch["coef"], {"lm": parts.terms["ce"]}
+            return parts, out.aux_loss
+        if objective == "minillm":
+            parts = fused_teacher_distillation_loss_parts(
+                out.hidden, w, self.teacher.score(batch), targets, reduction="sum", student_lm_head_bias=b,
+                divergence="reverse_kl", kd_weights=batch["kd_weights"], ce_weights=batch["ce_weights"])
+            parts.terms = {"rkl": parts.terms["kd"], "pg": parts.terms["ce"]}
+            return parts, out.aux_loss
         parts = fused_teacher_distillation_loss_parts(
             out.hidden, w, self.teacher.score(batch), targets, reduction="sum", student_lm_head_bias=b,
             divergence=a.divergence, temperature=self.temperature(), alpha=a.alpha, skew_lambda=a.skew_lambda,
@@ -152,31 +167,36 @@ class Trainer:
 
     def accumulate(self, batches: list[dict]) -> dict:
         """Backward over the step's micro-batches; gradients = d(sum of losses)/d theta / N_trained(step).
+        Batches of different `objective`s (MiniLLM's sampled and dataset replies) are token groups normalized
+        each by its own global count: gradients = sum over groups of d(sum of the group's losses)/d theta / N_group.
         Returns the step's metrics: `loss`, one `NAME_loss` per named term of the objective (kd, ce, aux, ...)
-        divided by the global trained-token count, token counts and the temperature."""
-        n_local = sum(int((shift_labels(b["labels"]) != -100).sum()) for b in batches)
-        n_global = int(self._sum(n_local))
-        scale = self.world / max(n_global, 1)  # DDP averages gradients over ranks; we want the global sum
+        divided by its group's global trained-token count, token counts and the temperature."""
+        groups = list(getattr(self.source, "groups", None) or [None])  # fixed by the objective: the same on every rank
+        counts = [0] * len(groups)
+        for b in batches:
+            counts[groups.index(b.get("objective"))] += int((shift_labels(b["labels"]) != -100).sum())
+        totals = [int(x) for x in self._sum(counts).tolist()]
+        n_group = [max(x, 1) for x in totals]
         objective, terms = 0.0, {}
         for m, b in enumerate(batches):
             sync = m == len(batches) - 1
+            g = groups.index(b.get("objective"))
             with (nullcontext() if sync else self.acc.no_sync(self.model)), self.acc.autocast():
                 parts, aux = self.micro_loss(b)
-                total = parts.loss * scale
+                total = parts.loss * (self.world / n_group[g])  # DDP averages gradients over ranks: undo it
                 if aux is not None:
                     total = total + aux / len(batches)
                 self.acc.backward(total)
-            objective += parts.loss.item()
+            objective += parts.loss.item() / n_group[g]
             for name, value in parts.terms.items():
-                terms[name] = terms.get(name, 0.0) + value
+                terms[name] = terms.get(name, 0.0) + value / n_group[g]
             if aux is not None:  # a per-micro-batch mean, not a sum over tokens
-                terms["aux"] = terms.get("aux", 0.0) + aux.item() / len(batches) * max(n_global, 1) / self.world
+                terms["aux"] = terms.get("aux", 0.0) + aux.item() / len(batches) / self.world
         names = sorted(terms)  # the same on every rank: fixed by the objective, not by the data
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         g = self._sum(torch.tensor([objective, tokens, *(terms[k] for k in names)], dtype=torch.float64))
-        n = max(n_global, 1)
-        stats = {"loss": g[0].item() / n, **{f"{k}_loss": v.item() / n for k, v in zip(names, g[2:])},
-                 "trained_tokens": n_global, "tokens": int(g[1].item())}
+        stats = {"loss": g[0].item(), **{f"{k}_loss": v.item() for k, v in zip(names, g[2:])},
+                 "trained_tokens": sum(totals), "tokens": int(g[1].item())}
         return {**stats, **({"temperature": self.temperature()} if self.distilling else {})}
 
     def _sum(self, x):
@@ -209,6 +229,11 @@ class Trainer:
         stats.update(self.source.last_stats, step=self.global_step, lr=lr, step_seconds=seconds,
                      epoch=self.global_step * self.per_step / len(self.examples), tokens_per_sec=stats["tokens"] / seconds)
         return stats
+
+    def minillm_samples(self, prompts: list[list[int]]) -> list:
+        """Replies sampled from the teacher-student mixture, with their tokens' log-probabilities (MiniLLM)."""
+        return sample_mixed(self.acc.unwrap_model(self.model), self.teacher, self.tokenizer, prompts,
+                            self.args.max_new_tokens, self.args.teacher_mix_alpha, self.acc.device)
 
     def student_replies(self, prompts: list[list[int]]) -> list:
         """The current student's sampled replies to token-id prompts (the on-policy batch source's generator)."""

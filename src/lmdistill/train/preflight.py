@@ -87,9 +87,37 @@ def _check_teacher_options(args) -> None:
         raise LmdistillError("--on_policy_fraction: a teacher cache holds scores of the dataset's replies only and "
                              "cannot score replies the student writes; use an online --teacher for on-policy "
                              "distillation (or --on_policy_fraction 0).")
+    if getattr(args, "method", "kd") == "minillm":
+        _check_minillm_options(args, caches)
     if args.temperature_end is None and args.temperature_schedule != "linear":
         raise LmdistillError(f"--temperature_schedule {args.temperature_schedule} needs --temperature_end (the value "
                              "to anneal to); without it the temperature is constant.")
+
+
+def _check_minillm_options(args, caches: list) -> None:
+    """MiniLLM's objective is fixed (sequence-level reverse KL at T = 1, sampled from the teacher-student mixture
+    every step): options of the token-level objective that would change it are refused, not ignored."""
+    from lmdistill.losses.divergences import canonical_divergence
+
+    if caches:
+        raise LmdistillError("--method minillm: a teacher cache cannot score the replies the student samples; use an "
+                             "online --teacher.")
+    conflicts = [
+        (args.on_policy_fraction > 0, f"--on_policy_fraction {args.on_policy_fraction:g}",
+         "MiniLLM samples replies on every step"),
+        (canonical_divergence(args.divergence) not in ("forward_kl", "reverse_kl"), f"--divergence {args.divergence}",
+         "MiniLLM minimizes the reverse KL"),
+        (args.temperature != 1.0 or args.temperature_end is not None, "--temperature/--temperature_end",
+         "MiniLLM's reverse KL is at temperature 1"),
+        (args.alpha != 0, f"--alpha {args.alpha:g}", "the CE on the dataset replies is --lm_coef"),
+        (args.top_k is not None, f"--top_k {args.top_k}", "the single-step reverse KL is exact over the vocabulary"),
+        (args.generation_temperature != 1.0 or args.generation_top_p != 1.0,
+         "--generation_temperature/--generation_top_p",
+         "MiniLLM samples from the teacher-student mixture at temperature 1 (its importance weights assume it)"),
+    ]
+    for bad, flag, why in conflicts:
+        if bad:
+            raise LmdistillError(f"{flag}: not used by --method minillm ({why}); drop it, or use --method kd.")
 
 
 # -- files and folders ---------------------------------------------------------------------------------------

@@ -70,26 +70,35 @@ def build(args: argparse.Namespace, plan, device, is_main: bool) -> Setup:
     from lmdistill.data import load_examples, prompt_examples
 
     tokenizer, teacher = plan.tokenizer, None
-    if args.command == "train":
-        student = build_student(args, args.model, tokenizer, device)
-    else:
-        teacher, student = build_teacher(args, tokenizer, device, is_main)
-    if getattr(args, "on_policy_fraction", 0) >= 1:  # every reply is the student's: the data's prompts suffice
+    # the data first: a bad record stops the run before any model loads
+    minillm = getattr(args, "method", "kd") == "minillm"
+    if getattr(args, "on_policy_fraction", 0) >= 1 or (minillm and args.lm_coef == 0):
+        # every reply is the student's: the data's prompts suffice
         examples = prompt_examples(args.data, tokenizer, args.max_seq_len, args.data_format)
         if is_main:
             print(f"train data: {args.data}: {len(examples):,} prompts (fully on-policy: the student writes every "
                   "reply)")
     else:
-        examples = load_examples(args.data, tokenizer, args.max_seq_len, args.data_format, args.skip_bad_records)
+        try:
+            examples = load_examples(args.data, tokenizer, args.max_seq_len, args.data_format, args.skip_bad_records)
+        except LmdistillError as exc:
+            if minillm and "without any assistant turn" in str(exc):
+                raise LmdistillError(f"{exc} --method minillm trains CE on the dataset's replies (--lm_coef "
+                                     f"{args.lm_coef:g}); for prompts-only data pass --lm_coef 0.") from None
+            raise
         if is_main:
             print(f"train data: {examples.stats.summary()}")
-    if teacher is not None:
-        teacher.check_examples(examples)
     eval_examples = None
     if args.eval_data:
         eval_examples = load_examples(args.eval_data, tokenizer, args.max_seq_len, args.data_format, args.skip_bad_records)
     if is_main and eval_examples is not None:
         print(f"eval data: {eval_examples.stats.summary()}")
+    if args.command == "train":
+        student = build_student(args, args.model, tokenizer, device)
+    else:
+        teacher, student = build_teacher(args, tokenizer, device, is_main)
+    if teacher is not None:
+        teacher.check_examples(examples)
     return Setup(tokenizer, student, teacher, examples, eval_examples)
 
 
