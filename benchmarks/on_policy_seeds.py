@@ -18,6 +18,8 @@ and seed, for the same total number of optimizer steps S (`Recipe.student_steps`
             on the 20%'s questions (dataset answers)
     gkd     the same first phase, then S2 steps of GKD on the questions: on_policy_fraction 0.5, JSD beta 0.5
     rkl     the same first phase, then S2 steps of on-policy reverse KL on the questions: on_policy_fraction 1
+    minillm the same first phase, then S2 steps of MiniLLM on the questions (`--method minillm`, teacher-mixed
+            sampling alpha 0.2, lm_coef 1: CE on the questions' dataset answers beside the policy gradient)
 
 Why the on-policy arms have two phases. The quickstart's student file is plain text: its question/answer pairs are
 rendered into the chat template and written as `{"text": ...}` records, so `load_examples` packs the whole file
@@ -55,13 +57,15 @@ import time
 from pathlib import Path
 from unittest import mock
 
-ARMS = ("ce", "kd", "seqkd", "kd_qa", "gkd", "rkl")
+ARMS = ("ce", "kd", "seqkd", "kd_qa", "gkd", "rkl", "minillm")
 EXTRA_ARMS = ARMS[2:]  # ce and kd come with the teacher (`pipeline.train_models`), always
 PHASE2 = {  # DistillConfig fields of each arm's second phase, on the questions
     "kd_qa": dict(divergence="forward_kl", on_policy_fraction=0.0),
     "gkd": dict(divergence="jsd", jsd_beta=0.5, on_policy_fraction=0.5),
     "rkl": dict(divergence="reverse_kl", on_policy_fraction=1.0),
+    "minillm": dict(method="minillm", teacher_mix_alpha=0.2, lm_coef=1.0),
 }
+ON_POLICY = ("gkd", "rkl", "minillm")  # each compared with kd_qa, its off-policy control
 QA_TEXT = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>\n<\|im_start\|>assistant\n(.*)", re.DOTALL)
 
 
@@ -209,7 +213,7 @@ def summarize(runs: list[dict]) -> dict:
     names = [m for m in ("teacher", *ARMS) if all(m in r["models"] for r in runs)]
     out = {m: {k: stats([r["models"][m][k] for r in runs]) for k in ("ppl", "ce", "accuracy", "arm_seconds")}
            for m in names}
-    for arm in ("gkd", "rkl"):  # on-policy minus its off-policy control, per seed
+    for arm in ON_POLICY:  # on-policy minus its off-policy control, per seed
         if arm in names and "kd_qa" in names:
             out[f"{arm}_minus_kd_qa"] = {
                 "ppl": stats([r["models"][arm]["ppl"] - r["models"]["kd_qa"]["ppl"] for r in runs]),
@@ -227,7 +231,7 @@ def table(runs: list[dict], summary: dict) -> str:
                           f"[{r['models'][m]['ci95'][0]:.0%}-{r['models'][m]['ci95'][1]:.0%}]" for r in runs)
         lines.append(f"{m:<8} {s['ppl']['mean']:>8.2f} +- {s['ppl']['std']:<4.2f} {s['accuracy']['mean']:>8.1%} +- "
                      f"{s['accuracy']['std']:<5.1%} {s['arm_seconds']['mean']:>7.0f}   {seeds}")
-    for arm in ("gkd", "rkl"):
+    for arm in ON_POLICY:
         d = summary.get(f"{arm}_minus_kd_qa")
         if d:
             lines.append(f"{arm} - kd_qa: ppl {d['ppl']['mean']:+.2f} (range {d['ppl']['min']:+.2f}.."
@@ -256,7 +260,7 @@ def main() -> int:
     parser.add_argument("--arms", nargs="+", default=list(EXTRA_ARMS), choices=EXTRA_ARMS,
                         help="arms beyond ce and kd (which always run, with the teacher)")
     parser.add_argument("--phase2_share", type=float, default=0.25,
-                        help="share of the steps the kd_qa/gkd/rkl arms spend on the questions")
+                        help="share of the steps the kd_qa/gkd/rkl/minillm arms spend on the questions")
     parser.add_argument("--work_dir", default="/tmp/lmdistill_on_policy_seeds")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "on_policy_seeds.json"))
