@@ -31,6 +31,7 @@ Messages = list[dict[str, Any]]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lmdistill.config import float_in, int_at_least
     from lmdistill.data.options import DATA_FORMATS
+    from lmdistill.models.generation import BACKENDS
 
     a = parser.add_argument
     a("--model", required=True, help="the model that writes the replies: a local HF folder (or a preset, for tests)")
@@ -50,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     a("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
       help="weights dtype (default: the checkpoint's, float32 for presets)")
+    a("--generation_backend", default="auto", choices=BACKENDS,
+      help="auto (lean loop for greedy on CPU, else transformers' generate), lean, hf, or vllm (CUDA only)")
+    a("--vllm_gpu_memory_utilization", type=float_in(0, 1, lo_open=True), default=0.9,
+      help="--generation_backend vllm: share of the GPU's memory vLLM may take")
 
 
 def prompt_key(messages: Messages) -> str:
@@ -86,13 +91,20 @@ def run(args: argparse.Namespace) -> int:
 
     from lmdistill.data import check_data_path, load_prompts, render_prompt
     from lmdistill.models import load_model
-    from lmdistill.models.generation import generate_replies
+    from lmdistill.models.generation import generate_replies, stop_token_ids
     from lmdistill.models.loading import check_device, check_model_ref
     from lmdistill.tokenizer import has_tokenizer, load_tokenizer
 
     check_device(args.device)
     check_data_path(args.prompts, "--prompts")
     check_model_ref("--model", args.model)
+    if args.generation_backend == "vllm":
+        from lmdistill.models.vllm_backend import check_vllm
+
+        check_vllm(args.device)
+        if not Path(args.model).is_dir():
+            raise LmdistillError(f"--generation_backend vllm: --model must be an HF model folder, found '{args.model}' "
+                                 "(a preset has no weights on disk for vLLM to load).")
     out = Path(args.output_file)
     if out.is_dir():
         raise LmdistillError(f"--output_file: expected a file, found a folder at '{out}'.")
@@ -110,8 +122,27 @@ def run(args: argparse.Namespace) -> int:
         return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
-    model = load_model(args.model, tokenizer=tokenizer, dtype=args.dtype, device=device)
     ids = [render_prompt(tokenizer, p)[-args.max_prompt_tokens:] for p, _ in todo]
+    if args.generation_backend == "vllm":
+        from lmdistill.models.vllm_backend import VllmGenerator, reply_seeds
+
+        engine = VllmGenerator(args.model, tokenizer, dtype=args.dtype or "auto",
+                               gpu_memory_utilization=args.vllm_gpu_memory_utilization, seed=args.seed)
+        stops = stop_token_ids(tokenizer)
+        seeds = reply_seeds(args.seed, len(done), 0, len(ids))
+
+        def model_generate(on_batch):
+            for start in range(0, len(ids), args.batch_size):
+                batch = list(range(start, min(start + args.batch_size, len(ids))))
+                on_batch(batch, engine.replies([ids[i] for i in batch], args.max_new_tokens, args.temperature,
+                                               args.top_p, args.top_k, stops, [seeds[i] for i in batch]))
+    else:
+        model = load_model(args.model, tokenizer=tokenizer, dtype=args.dtype, device=device)
+
+        def model_generate(on_batch):
+            generate_replies(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                             device=device, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                             on_batch=on_batch, description="generate", backend=args.generation_backend)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0, new_tokens, cut = time.perf_counter(), 0, 0
     with open(out, "a", encoding="utf-8") as f:
@@ -127,9 +158,7 @@ def run(args: argparse.Namespace) -> int:
             f.flush()
             os.fsync(f.fileno())
 
-        generate_replies(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                         device=device, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                         on_batch=write, description="generate")
+        model_generate(write)
     seconds = time.perf_counter() - t0
     print(f"wrote {len(todo):,} replies ({new_tokens:,} tokens, {new_tokens / max(seconds, 1e-9):,.0f} tokens/s) to "
           f"{out}; {cut:,} were cut at --max_new_tokens {args.max_new_tokens}.")

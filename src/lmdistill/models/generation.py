@@ -21,6 +21,7 @@ from lmdistill.errors import LmdistillError
 from lmdistill.models.decode import decode
 
 END_OF_TURN = "<|im_end|>"
+BACKENDS = ["auto", "lean", "hf", "vllm"]  # who generates: --generation_backend (vllm: models/vllm_backend.py)
 
 
 class Reply(NamedTuple):

@@ -28,10 +28,20 @@ from lmdistill.models.lora import unwrap_peft
 
 
 class HiddenOutput(NamedTuple):
-    """hidden: [B, T, H] after the final norm; aux_loss: scalar (coef-weighted router loss) or None."""
+    """hidden: [B, T, H] after the final norm; aux_loss: scalar (coef-weighted router loss) or None; layers: the
+    outputs [B, T, H] of the decoder layers asked for ({index: tensor}, `forward_hidden(layers=...)`)."""
 
     hidden: torch.Tensor
     aux_loss: torch.Tensor | None
+    layers: dict | None = None
+
+
+def decoder_layers(model: Any) -> nn.ModuleList:
+    """The decoder's blocks (`model.model.layers` for Llama/Qwen), in order."""
+    layers = getattr(_decoder(unwrap(model)), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise LmdistillError(f"{type(unwrap(model)).__name__}: cannot find its decoder layers (expected `.model.layers`).")
+    return layers
 
 
 class LmHead(NamedTuple):
@@ -119,7 +129,8 @@ def _run_through_wrapper(model: Any, decoder: nn.Module, kwargs: dict[str, Any])
 
 
 def forward_hidden(
-    model: Any, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    model: Any, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
+    layers: Any = None, **kwargs: Any
 ) -> HiddenOutput:
     """Final (post-norm) hidden states [B, T, H] without the [B, T, V] logits, and the MoE aux loss.
 
@@ -129,8 +140,11 @@ def forward_hidden(
     aux loss (router load balancing x `config.router_aux_loss_coef`, padding excluded through the
     attention mask, exactly as HF adds it to its loss) is computed in training mode or when
     `config.output_router_logits` is set; None otherwise and for dense models. Extra `kwargs`
-    (e.g. position_ids, inputs_embeds) go to the model.
+    (e.g. position_ids, inputs_embeds) go to the model. `layers` (decoder-layer indices, 0-based) also returns
+    those layers' outputs, captured by forward hooks: only they are kept (no `output_hidden_states`).
     """
+    if layers:
+        return _with_layers(model, input_ids, attention_mask, sorted(set(layers)), kwargs)
     lm = unwrap(model)
     config = lm.config
     moe = is_moe(lm)
@@ -154,6 +168,27 @@ def forward_hidden(
     if not isinstance(aux, torch.Tensor):  # no MoE layer produced router logits
         aux = hidden.new_zeros(())
     return HiddenOutput(hidden, config.router_aux_loss_coef * aux.to(hidden.device))
+
+
+def _with_layers(model: Any, input_ids, attention_mask, layers: list[int], kwargs: dict) -> HiddenOutput:
+    blocks = decoder_layers(model)
+    bad = [i for i in layers if not 0 <= i < len(blocks)]
+    if bad:
+        raise LmdistillError(f"layer {bad[0]}: the model has decoder layers 0..{len(blocks) - 1}.")
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook_for(index: int):
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            captured[index] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    handles = [blocks[i].register_forward_hook(hook_for(i)) for i in layers]
+    try:
+        out = forward_hidden(model, input_ids, attention_mask, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return HiddenOutput(out.hidden, out.aux_loss, captured)
 
 
 def _live_weight(head: nn.Module) -> torch.Tensor:

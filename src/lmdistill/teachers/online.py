@@ -26,6 +26,7 @@ class OnlineTeacher(Teacher):
         model.eval()
         model.requires_grad_(False)
         self.model, self.name, self.vocab_size = model, name, vocab_size or rows
+        self.keep_layers: list[int] = []  # decoder layers whose outputs score() also returns (feature distillation)
 
     @property
     def rows(self) -> int:
@@ -33,9 +34,11 @@ class OnlineTeacher(Teacher):
 
     def score(self, batch: dict) -> ProjectedScores:
         with torch.no_grad():
-            hidden = forward_hidden(self.model, batch["input_ids"], batch["attention_mask"]).hidden
+            out = forward_hidden(self.model, batch["input_ids"], batch["attention_mask"], layers=self.keep_layers)
             weight, bias = full_weights(lm_head_of(self.model))
-        return ProjectedScores(hidden, weight, bias, self.vocab_size)
+        scores = ProjectedScores(out.hidden, weight, bias, self.vocab_size)
+        scores.layers = out.layers  # {layer: [B, T, H]} of keep_layers, else None
+        return scores
 
     def stepper(self):
         from lmdistill.models.decode import Stepper

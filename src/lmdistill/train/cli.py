@@ -17,6 +17,7 @@ from lmdistill.config import Repeated, float_in, int_at_least
 from lmdistill.data.options import add_data_arguments
 from lmdistill.losses.divergences import ALIASES, DIVERGENCES
 from lmdistill.losses.engine import KDConfig
+from lmdistill.models.generation import BACKENDS as GENERATION_BACKENDS
 
 LOSS = KDConfig()  # the loss options' defaults are the loss API's own
 POSITIVE, COUNT = int_at_least(1), int_at_least(0)
@@ -139,8 +140,20 @@ def _distill(p: argparse.ArgumentParser) -> None:
       help="on-policy steps: the student's sampling temperature")
     a("--generation_top_p", type=float_in(0, 1, lo_open=True), default=1.0,
       help="on-policy steps: nucleus sampling mass")
+    a("--generation_backend", default="auto", choices=GENERATION_BACKENDS,
+      help="on-policy steps: who samples the replies: auto (lean loop for greedy on CPU, else transformers' "
+           "generate), lean, hf, or vllm (CUDA only, colocated, the student's weights synced after each step)")
+    a("--vllm_gpu_memory_utilization", type=float_in(0, 1, lo_open=True), default=0.3,
+      help="--generation_backend vllm: share of the GPU's memory vLLM may take")
     a("--top_k", type=POSITIVE, default=None,
       help="keep the teacher's k largest logits per position (default: the whole vocabulary)")
+    a("--feature_loss", default=None, choices=["mse", "cosine"],
+      help="also match hidden states: the student's mapped layers, projected to the teacher's width by a learned "
+           "linear map, against the teacher's (default: logits only)")
+    a("--feature_weight", type=float_in(0), default=1.0, help="--feature_loss: weight of the feature term")
+    a("--layer_map", default="auto", metavar="auto|S:T,...",
+      help="--feature_loss: student:teacher decoder layers (0-based, -1 = last) to match; auto spreads the student's "
+           "layers evenly over the teacher's, last onto last")
     a("--method", default="kd", choices=["kd", "minillm"],
       help="kd: token-level distillation with --divergence, off- or on-policy (--on_policy_fraction); minillm: "
            "MiniLLM's policy-gradient sequence-level reverse KL on replies the student samples every step")

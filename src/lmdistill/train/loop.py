@@ -113,6 +113,10 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_iters, self.total_steps))
         self.model, self.optimizer = self.acc.prepare(s.student, optimizer)
+        self.projectors = ckpt.projectors_of(self.model)  # feature distillation's, on the student; else None
+        if self.projectors is not None and self.acc.distributed_type == DistributedType.FSDP:
+            raise LmdistillError("--feature_loss under FSDP is not supported yet (the projectors are sharded with the "
+                                 "student but run outside its forward); use DDP.")
         if self.teacher is not None and self.acc.distributed_type == DistributedType.FSDP:
             self.teacher.prepare(self.acc.prepare_model)  # sharded too; stays frozen in eval mode
         self.source = DatasetStream(self.examples, self.tokenizer.pad_token_id, args.batch_size,
@@ -122,6 +126,7 @@ class Trainer:
         elif getattr(args, "on_policy_fraction", 0) > 0:
             self.source = OnPolicyStream(self.source, args.on_policy_fraction, args.seed, self.student_replies)
         self.global_step, self.stop_signal = 0, None
+        self._vllm = None  # the vLLM engine of --generation_backend vllm, built at the first on-policy step
         self._check_head()
 
     def _check_head(self) -> None:
@@ -141,7 +146,8 @@ class Trainer:
         (the weighted single-step reverse KL and policy-gradient terms, "rkl" and "pg")."""
         a = self.args
         targets = shift_labels(batch["labels"])
-        out = forward_hidden(self.model, batch["input_ids"], batch["attention_mask"])
+        layers = self.projectors.student_layers if self.projectors is not None else None
+        out = forward_hidden(self.model, batch["input_ids"], batch["attention_mask"], layers=layers)
         w, b = full_weights(lm_head_of(self.model))
         objective = batch.get("objective")
         if self.teacher is None or objective == "lm":
@@ -155,10 +161,16 @@ class Trainer:
                 divergence="reverse_kl", kd_weights=batch["kd_weights"], ce_weights=batch["ce_weights"])
             parts.terms = {"rkl": parts.terms["kd"], "pg": parts.terms["ce"]}
             return parts, out.aux_loss
+        scores = self.teacher.score(batch)
         parts = fused_teacher_distillation_loss_parts(
-            out.hidden, w, self.teacher.score(batch), targets, reduction="sum", student_lm_head_bias=b,
+            out.hidden, w, scores, targets, reduction="sum", student_lm_head_bias=b,
             divergence=a.divergence, temperature=self.temperature(), alpha=a.alpha, skew_lambda=a.skew_lambda,
             jsd_beta=a.jsd_beta, **({"top_k": a.top_k} if a.top_k else {}))
+        if self.projectors is not None:  # hidden-state distillation on the same trained positions
+            rows = (targets.reshape(-1) != -100).nonzero().squeeze(1)
+            feature = self.projectors.loss_sum(out.layers, scores.layers, rows, a.feature_loss)
+            parts.loss = parts.loss + a.feature_weight * feature
+            parts.terms["feature"] = feature.item()
         return parts, out.aux_loss
 
     def temperature(self) -> float:
@@ -240,9 +252,37 @@ class Trainer:
         from lmdistill.models.generation import generate_replies
 
         a = self.args
+        if a.generation_backend == "vllm":
+            return self._vllm_replies(prompts)
         return generate_replies(self.acc.unwrap_model(self.model), self.tokenizer, prompts,
                                 max_new_tokens=a.max_new_tokens, batch_size=len(prompts), device=self.acc.device,
-                                progress=False, temperature=a.generation_temperature, top_p=a.generation_top_p)
+                                progress=False, temperature=a.generation_temperature, top_p=a.generation_top_p,
+                                backend=a.generation_backend)
+
+    def _vllm_replies(self, prompts: list[list[int]]) -> list:
+        """On-policy replies from a colocated vLLM engine: built from the student at its first use, given the
+        student's weights again whenever an optimizer step changed them; each reply seeded by (seed, step, rank,
+        call, index), so resume is exact."""
+        import tempfile
+
+        from lmdistill.models.generation import stop_token_ids
+        from lmdistill.models.vllm_backend import VllmGenerator, reply_seeds
+
+        a, model = self.args, self.acc.unwrap_model(self.model)
+        if self._vllm is None:
+            self._vllm_dir = tempfile.TemporaryDirectory(prefix="lmdistill-vllm-")
+            ckpt.save_model_folder(model, self.tokenizer, Path(self._vllm_dir.name), merge_lora=True)
+            self._vllm = VllmGenerator(self._vllm_dir.name, self.tokenizer, dtype=a.dtype,
+                                       gpu_memory_utilization=a.vllm_gpu_memory_utilization, seed=a.seed)
+            self._vllm_at = (self.global_step, 0)
+        step, calls = self._vllm_at
+        if step != self.global_step:
+            self._vllm.sync(model)
+            step, calls = self.global_step, 0
+        self._vllm_at = (step, calls + 1)
+        return self._vllm.replies(prompts, a.max_new_tokens, a.generation_temperature, a.generation_top_p, 0,
+                                  stop_token_ids(self.tokenizer, model),
+                                  reply_seeds(a.seed, step, self.rank * 1000 + calls, len(prompts)))
 
     # -- checkpoints -------------------------------------------------------------------------------
     def training_state(self, rng_per_rank: list) -> dict:

@@ -87,11 +87,39 @@ def _check_teacher_options(args) -> None:
         raise LmdistillError("--on_policy_fraction: a teacher cache holds scores of the dataset's replies only and "
                              "cannot score replies the student writes; use an online --teacher for on-policy "
                              "distillation (or --on_policy_fraction 0).")
+    if args.feature_loss:
+        _check_feature_options(args, teachers, caches)
     if getattr(args, "method", "kd") == "minillm":
         _check_minillm_options(args, caches)
+    if args.generation_backend == "vllm":
+        from lmdistill.models.vllm_backend import check_vllm
+
+        if args.method == "minillm":
+            raise LmdistillError("--generation_backend vllm: MiniLLM samples from the teacher-student mixture token by "
+                                 "token, which vLLM cannot; use --generation_backend auto.")
+        if args.on_policy_fraction == 0:
+            raise LmdistillError("--generation_backend vllm: nothing is generated at --on_policy_fraction 0; set a "
+                                 "fraction > 0 or drop the option.")
+        check_vllm(args.device)
     if args.temperature_end is None and args.temperature_schedule != "linear":
         raise LmdistillError(f"--temperature_schedule {args.temperature_schedule} needs --temperature_end (the value "
                              "to anneal to); without it the temperature is constant.")
+
+
+def _check_feature_options(args, teachers: list, caches: list) -> None:
+    from lmdistill.losses.features import parse_layer_map
+
+    if caches:
+        raise LmdistillError("--feature_loss: a teacher cache holds no hidden states (only its top-k logits); use an "
+                             "online --teacher for feature distillation.")
+    if len(teachers) > 1:
+        raise LmdistillError("--feature_loss: the hidden states of which teacher? Feature distillation takes one "
+                             "--teacher (ensembles distill logits only).")
+    if args.method == "minillm":
+        raise LmdistillError("--feature_loss: not combined with --method minillm (its loss is on sampled replies); "
+                             "use --method kd.")
+    if args.layer_map != "auto":
+        parse_layer_map(args.layer_map, 10**6, 10**6)  # the syntax now; the layer ranges once the models are known
 
 
 def _check_minillm_options(args, caches: list) -> None:

@@ -99,7 +99,27 @@ def build(args: argparse.Namespace, plan, device, is_main: bool) -> Setup:
         teacher, student = build_teacher(args, tokenizer, device, is_main)
     if teacher is not None:
         teacher.check_examples(examples)
+    if getattr(args, "feature_loss", None):
+        attach_projectors(args, student, teacher, is_main)
     return Setup(tokenizer, student, teacher, examples, eval_examples)
+
+
+def attach_projectors(args, student, teacher, is_main: bool) -> None:
+    """Feature distillation: the layer pairs of --layer_map, their projectors attached to the student (so the
+    optimizer, DDP and checkpoints carry them), and the teacher told which of its layers to keep."""
+    from lmdistill.losses.features import FeatureProjectors, parse_layer_map
+    from lmdistill.models.hidden import decoder_layers, unwrap
+    from lmdistill.train.state import PROJECTORS_ATTR
+
+    width = lambda m: unwrap(m).config.get_text_config().hidden_size  # noqa: E731
+    pairs = parse_layer_map(args.layer_map, len(decoder_layers(student)), len(decoder_layers(teacher.model)))
+    projectors = FeatureProjectors(pairs, width(student), width(teacher.model))
+    student.add_module(PROJECTORS_ATTR, projectors.to(next(student.parameters()).device))
+    teacher.keep_layers = projectors.teacher_layers
+    if is_main:
+        print(f"feature distillation ({args.feature_loss}, weight {args.feature_weight:g}): student:teacher layers "
+              f"{', '.join(f'{s}:{t}' for s, t in pairs)}; {sum(p.numel() for p in projectors.parameters()):,} "
+              "projector parameters")
 
 
 def build_teacher(args, tokenizer, device, is_main: bool):

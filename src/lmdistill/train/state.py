@@ -23,6 +23,31 @@ from lmdistill.errors import LmdistillError
 STATE_FILE = "training_state.pt"
 CONFIG_FILE = "lmdistill_config.yaml"  # the resolved options, at the run's root and in every checkpoint
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+# Feature distillation's projectors live on the student (so the optimizer, DDP and checkpoints see them) under this
+# name, and are saved beside the model in their own file, never inside the exported HF model.
+PROJECTORS_ATTR = "lmdistill_feature_projectors"
+PROJECTORS_FILE = "feature_projectors.safetensors"
+
+
+def projectors_of(model):
+    """The feature projectors attached to the student (through DDP/FSDP wrappers), or None."""
+    while not hasattr(model, PROJECTORS_ATTR) and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return getattr(model, PROJECTORS_ATTR, None)
+
+
+class _Detached:
+    """Take the projectors off the model for a save (restored after)."""
+
+    def __init__(self, model):
+        self.model, self.module = model, model._modules.pop(PROJECTORS_ATTR, None)
+
+    def __enter__(self):
+        return self.module
+
+    def __exit__(self, *exc):
+        if self.module is not None:
+            self.model.add_module(PROJECTORS_ATTR, self.module)
 
 
 def rng_state() -> dict[str, Any]:
@@ -42,15 +67,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_model_folder(model, tokenizer, folder: Path, merge_lora: bool = False) -> None:
     """An HF folder that `from_pretrained` loads alone; a LoRA student is saved merged when asked."""
+    from safetensors.torch import save_file
+
     from lmdistill.models.lora import unwrap_peft
 
-    if merge_lora and hasattr(model, "peft_config"):
-        import copy
+    with _Detached(model) as projectors:
+        if merge_lora and hasattr(model, "peft_config"):
+            import copy
 
-        model = copy.deepcopy(model).merge_and_unload()
-    model = model if hasattr(model, "peft_config") else unwrap_peft(model)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+            model = copy.deepcopy(model).merge_and_unload()
+        model = model if hasattr(model, "peft_config") else unwrap_peft(model)
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+    if projectors is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in projectors.state_dict().items()},
+                  str(Path(folder) / PROJECTORS_FILE), metadata={"pairs": repr(projectors.pairs)})
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -120,6 +151,12 @@ def load_model_weights(model, folder: Path) -> None:
     """Load a checkpoint's weights into the live (possibly peft-wrapped) student, exactly."""
     from safetensors.torch import load_file
 
+    projectors = projectors_of(model)
+    if projectors is not None:
+        if not (folder / PROJECTORS_FILE).is_file():
+            raise LmdistillError(f"resume: checkpoint '{folder}' has no {PROJECTORS_FILE}; it was not trained with "
+                                 "--feature_loss.")
+        projectors.load_state_dict(load_file(folder / PROJECTORS_FILE))
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
 
@@ -132,6 +169,7 @@ def load_model_weights(model, folder: Path) -> None:
     for f in files:
         state.update(load_file(f))
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(PROJECTORS_ATTR + ".")]
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
         raise LmdistillError(f"resume: checkpoint '{folder}' does not match the student: missing "
