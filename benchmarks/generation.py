@@ -4,7 +4,7 @@ the two backends of `lmdistill.models.generation.generate_replies`, on the same 
     python benchmarks/generation.py            # writes benchmarks/results/generation_<device>.json
 
 Batch 8 left-padded prompts (8 to 24 tokens), 64 new tokens with no stop token (so both do the same number of
-steps), greedy and sampled (temperature 1, top-p 0.95), fp32, the presets `nano` and `micro` built with the
+steps), greedy and sampled (temperature 1, without and with top-p 0.95), fp32, the presets `nano` and `micro` built with the
 MiniMind tokenizer (6,400 tokens). Each measurement is the median of 5 calls after one warm-up, the backends
 alternating. Greedy outputs are checked equal token for token.
 """
@@ -23,13 +23,13 @@ import torch
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "minimind_tokenizer"
 
 
-def measure(model, tok, prompts, backend: str, temperature: float) -> tuple[float, list]:
+def measure(model, tok, prompts, backend: str, temperature: float, top_p: float) -> tuple[float, list]:
     from lmdistill.models.generation import generate_replies
 
     stops = [-1]  # no stop: every call runs all 64 steps
     t0 = time.perf_counter()
     replies = generate_replies(model, tok, prompts, max_new_tokens=64, batch_size=len(prompts), eos_token_ids=stops,
-                               temperature=temperature, top_p=0.95 if temperature else 1.0, backend=backend,
+                               temperature=temperature, top_p=top_p, backend=backend,
                                progress=False)
     return time.perf_counter() - t0, replies
 
@@ -52,19 +52,20 @@ def main() -> None:
     for preset in ("nano", "micro"):
         torch.manual_seed(0)
         model = load_model(preset, tokenizer=tok, verbose=False).eval()
-        for temperature in (0.0, 1.0):
+        for temperature, top_p in ((0.0, 1.0), (1.0, 1.0), (1.0, 0.95)):
             times = {"lean": [], "hf": []}
             for backend in ("lean", "hf"):
-                measure(model, tok, prompts, backend, temperature)  # warm-up
+                measure(model, tok, prompts, backend, temperature, top_p)  # warm-up
             for _ in range(5):
                 for backend in ("lean", "hf"):
-                    seconds, replies = measure(model, tok, prompts, backend, temperature)
+                    seconds, replies = measure(model, tok, prompts, backend, temperature, top_p)
                     times[backend].append(seconds)
                     if temperature == 0.0:
                         times.setdefault(f"{backend}_replies", replies)
             same = times.pop("lean_replies", None) == times.pop("hf_replies", None) if temperature == 0.0 else None
             lean, hf = statistics.median(times["lean"]), statistics.median(times["hf"])
-            rows.append({"model": preset, "sampling": "greedy" if temperature == 0 else "top-p 0.95",
+            sampling = "greedy" if temperature == 0 else "temperature 1" if top_p == 1 else f"top-p {top_p:g}"
+            rows.append({"model": preset, "sampling": sampling,
                          "lean_seconds": lean, "hf_seconds": hf, "tokens_per_sec_lean": 8 * 64 / lean,
                          "tokens_per_sec_hf": 8 * 64 / hf, "speedup": hf / lean, "greedy_equal": same,
                          "all_lean_seconds": times["lean"], "all_hf_seconds": times["hf"]})

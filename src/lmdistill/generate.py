@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
       help="weights dtype (default: the checkpoint's, float32 for presets)")
     a("--generation_backend", default="auto", choices=BACKENDS,
-      help="auto (lean loop for greedy on CPU, else transformers' generate), lean, hf, or vllm (CUDA only)")
+      help="auto (the lean decode loop on CPU, transformers' generate on GPU), lean, hf, or vllm (CUDA only)")
     a("--vllm_gpu_memory_utilization", type=float_in(0, 1, lo_open=True), default=0.9,
       help="--generation_backend vllm: share of the GPU's memory vLLM may take")
 

@@ -141,8 +141,8 @@ def _distill(p: argparse.ArgumentParser) -> None:
     a("--generation_top_p", type=float_in(0, 1, lo_open=True), default=1.0,
       help="on-policy steps: nucleus sampling mass")
     a("--generation_backend", default="auto", choices=GENERATION_BACKENDS,
-      help="on-policy steps: who samples the replies: auto (lean loop for greedy on CPU, else transformers' "
-           "generate), lean, hf, or vllm (CUDA only, colocated, the student's weights synced after each step)")
+      help="on-policy steps: who samples the replies: auto (the lean decode loop on CPU, transformers' "
+           "generate on GPU), lean, hf, or vllm (CUDA only, colocated, the student's weights synced after each step)")
     a("--vllm_gpu_memory_utilization", type=float_in(0, 1, lo_open=True), default=0.3,
       help="--generation_backend vllm: share of the GPU's memory vLLM may take")
     a("--top_k", type=POSITIVE, default=None,
