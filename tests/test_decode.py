@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -44,3 +46,31 @@ def test_the_sampler_truncates_as_generate_does():
     assert (nucleus == 1).float().mean().item() == pytest.approx((p[1] / (p[1] + p[2])).item(), abs=0.03)
     hot = sample_next(logits, 4.0, 0, 1.0)
     assert len(set(hot.tolist())) == 4  # a high temperature reaches every token
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.1], ids=["nucleus within the top 64", "flat: whole-row sort"])
+def test_nucleus_sampling_matches_the_sorted_reference(scale):
+    """Both paths of the top-p sampler (partial sort of the top 64, or the whole row) keep exactly the nucleus and
+    sample it in proportion."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 300, generator=g) * scale
+    p = logits.softmax(-1)[0].double()
+    sorted_p, order = p.sort(descending=True)
+    keep = order[(sorted_p.cumsum(0) - sorted_p) < 0.9]
+    want = torch.zeros_like(p)
+    want[keep] = p[keep] / p[keep].sum()
+    torch.manual_seed(1)
+    n = 40000
+    tokens = sample_next(logits.repeat(n, 1), 1.0, 0, 0.9)
+    freq = torch.bincount(tokens, minlength=300).double() / n
+    assert set(tokens.unique().tolist()) <= set(keep.tolist())
+    assert (freq - want).abs().max() < 5 * math.sqrt(0.25 / n)
+    assert (len(keep) < 64) == (scale == 8.0)  # each case exercises the path it names
+
+
+def test_the_sampler_draws_in_proportion():
+    torch.manual_seed(3)
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0, -30.0]]).repeat(50000, 1)
+    freq = torch.bincount(sample_next(logits, 1.0, 0, 1.0), minlength=5).double() / 50000
+    torch.testing.assert_close(freq, logits[0].softmax(0).double(), atol=0.01, rtol=0)
+    assert freq[4] == 0  # a token of probability ~1e-13 is not drawn
