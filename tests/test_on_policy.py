@@ -225,3 +225,57 @@ def test_generation_options_reach_the_student_sampler(tiny_teacher_dir, tiny_cha
                                                   "--generation_temperature", 0.7, "--generation_top_p", 0.9)[1:]))
     trainer.micro_batches(0)
     assert seen["temperature"] == 0.7 and seen["top_p"] == 0.9 and seen["max_new_tokens"] == 6
+
+
+@pytest.fixture(scope="module")
+def second_teacher(tiny_teacher_dir, tmp_path_factory):
+    """Another teacher of the same tokenizer (the tiny teacher with its weights perturbed)."""
+    from lmdistill.models import load_teacher
+
+    model = load_teacher(str(tiny_teacher_dir), dtype="float32", device="cpu", verbose=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.2)
+    out = tmp_path_factory.mktemp("teacher2")
+    model.save_pretrained(out)
+    load_tokenizer(tiny_teacher_dir).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("extra", [["ENSEMBLE"], ["--lora_r", 4], ["--dtype", "bfloat16"],
+                                   ["--accumulation_steps", 2, "--batch_size", 2]],
+                         ids=["ensemble", "lora", "bf16", "accumulation"])
+@pytest.mark.parametrize("method", ["gkd", "minillm"])
+def test_on_policy_methods_work_with(method, extra, tiny_teacher_dir, tiny_chat, second_teacher, tmp_path):
+    extra = ["--teacher", second_teacher] if extra == ["ENSEMBLE"] else extra
+    flags = ["--on_policy_fraction", 1, "--divergence", "jsd"] if method == "gkd" else ["--method", "minillm"]
+    out = tmp_path / "run"
+    assert main(_argv(tiny_teacher_dir, tiny_chat, out, *flags, *extra, "--max_steps", 2)) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["on_policy"] and r["generated_tokens"] > 0 for r in rows)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) and r["loss"] != 0 for r in rows)
+
+
+@pytest.mark.parametrize("worker", ["ddp_worker.py", "fsdp_worker.py"])
+@pytest.mark.parametrize("method", ["gkd", "minillm"])
+def test_two_ranks_sample_and_train_on_policy(worker, method, tiny_teacher_dir, tiny_chat, tmp_path):
+    """DDP and FSDP2 (a sharded student's every forward is collective: the ranks decode until all have stopped)."""
+    import socket
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    out = tmp_path / "grads.pt"
+    flags = ["--on_policy_fraction", 1, "--divergence", "reverse_kl"] if method == "gkd" else ["--method", "minillm"]
+    argv = _argv(tiny_teacher_dir, tiny_chat, tmp_path / "run", *flags, "--device", "cpu", "--max_new_tokens",
+                 12)[1:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(tests / worker), str(out), "distill", *argv, "--batch_size", "2"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tests)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    grads = torch.load(out)
+    assert grads and all(torch.isfinite(g).all() for g in grads.values())
+    assert sum(float(g.abs().sum()) for g in grads.values()) > 0

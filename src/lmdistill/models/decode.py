@@ -69,6 +69,7 @@ class Stepper:
 
     def __init__(self, model):
         self.model, self.cache_arg = model, _cache_argument(model)
+        self.models = [model]  # what it runs (an ensemble's stepper lists its members')
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -89,7 +90,9 @@ class Stepper:
 def decode(model, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, stop_ids: Sequence[int],
            pad_token_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """New tokens [B, <= max_new_tokens] after left-padded prompts [B, T]; rows that stopped are padded with
-    `pad_token_id` after their stop token, and the loop ends when every row has stopped."""
+    `pad_token_id` after their stop token, and the loop ends when every row has stopped (on every process, for a
+    model sharded by FSDP2: `all_done`)."""
+    all_done = finished_everywhere if is_sharded(model) else _all
     stops = torch.as_tensor(list(stop_ids), device=input_ids.device)
     stepper = Stepper(model)
     logits = stepper.prefill(input_ids, attention_mask)
@@ -100,7 +103,7 @@ def decode(model, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         new_tokens.append(token)
         finished |= torch.isin(token, stops)
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        if all_done(finished) or step == max_new_tokens - 1:
             break
         logits = stepper.step(token)
     return torch.stack(new_tokens, 1)
@@ -125,6 +128,8 @@ def decode_mixed(student: Stepper, teacher: Stepper, input_ids: Tensor, attentio
     through their own KV cache. alpha = 0 samples the student alone (the teacher still scores every token)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha: expected a value in [0, 1], found {alpha}")
+    sharded = any(is_sharded(m) for m in [*student.models, *teacher.models])
+    all_done = finished_everywhere if sharded else _all
     stops = torch.as_tensor(list(stop_ids), device=input_ids.device)
     zs, zt = student.prefill(input_ids, attention_mask), teacher.prefill(input_ids, attention_mask)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -144,17 +149,43 @@ def decode_mixed(student: Stepper, teacher: Stepper, input_ids: Tensor, attentio
         for values, lp in zip(out, (None, logq, logp, logmix)):
             values.append(token if lp is None else lp.gather(-1, token.clamp(max=vocab_size - 1)[:, None])[:, 0] * live)
         finished |= torch.isin(token, stops)
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        if all_done(finished) or step == max_new_tokens - 1:
             break
         zs, zt = student.step(token), teacher.step(token)
     return MixedSample(*(torch.stack(v, 1) for v in out))
+
+
+def _all(finished: Tensor) -> bool:
+    return bool(finished.all())
+
+
+def is_sharded(model) -> bool:
+    """Whether the model's parameters are FSDP2 shards (DTensors): its every forward is collective."""
+    from torch.distributed.tensor import DTensor
+
+    p = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    return isinstance(p, DTensor)
+
+
+def finished_everywhere(finished: Tensor) -> bool:
+    """Every row of every process has stopped. A sharded model's forward gathers its weights from all processes,
+    so all of them must run the same number of decode steps: they stop together."""
+    import torch.distributed as dist
+
+    flag = finished.all().to(torch.int32).reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _cache_argument(model) -> str:
     """The forward's name for the KV cache: `cache` in transformers >= 5.2x, `past_key_values` before."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    from lmdistill.models.lora import unwrap_peft
+
+    forward = unwrap_peft(model).forward  # peft's wrapper takes **kwargs: ask the model inside
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def _cache_of(out):

@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from lmdistill.errors import LmdistillError
-from lmdistill.models.decode import decode
+from lmdistill.models.decode import decode, is_sharded
 
 END_OF_TURN = "<|im_end|>"
 BACKENDS = ["auto", "lean", "hf", "vllm"]  # who generates: --generation_backend (vllm: models/vllm_backend.py)
@@ -107,8 +107,8 @@ def generate_replies(model, tokenizer, prompts: Sequence[Sequence[int]], max_new
             if lean:
                 new = decode(model, input_ids, attention_mask, max_new_tokens, stops, pad, temperature, top_k, top_p)
             else:
-                new = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                     generation_config=config)[:, input_ids.shape[1]:]
+                new = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                     synced_gpus=is_sharded(model))[:, input_ids.shape[1]:]
             for i, row in zip(batch, new.tolist()):
                 replies[i] = _reply(tokenizer, row, set(stops))
             generated += sum(len(replies[i].token_ids) for i in batch)

@@ -56,6 +56,7 @@ class EnsembleStepper:
 
     def __init__(self, steppers: list, weights: list[float], mode: str, vocab_size: int):
         self.steppers, self.weights, self.mode, self.vocab_size = steppers, weights, mode, vocab_size
+        self.models = [m for s in steppers for m in s.models]
 
     def _combine(self, logits: list[Tensor]) -> Tensor:
         z = [x[:, : self.vocab_size].float() for x in logits]
