@@ -68,9 +68,9 @@ def _run(config, expected: type) -> Path:
 
         run(args)
     else:
-        from lmdistill.train.loop import Trainer
+        from lmdistill.train.cli import run
 
-        code = Trainer(args).train()
+        code = run(args)  # one run, or the stages of a progressive one (`via`)
         if code:
             raise KeyboardInterrupt(f"the run stopped before its last step (exit status {code}); resume it with "
                                     "resume='latest'.")

@@ -146,7 +146,8 @@ def _yaml_value(action: argparse.Action, key: str, value: Any, where: str) -> An
     if action.type is not None and value is not None:
         convert = action.type
         try:
-            value = [convert(v) for v in value] if isinstance(value, list) else convert(value)
+            # a repeatable flag converts each item; a list-valued type (`0.5,0.5` or a YAML list) takes the list
+            value = [convert(v) for v in value] if isinstance(action, Repeated) else convert(value)
         except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
             raise LmdistillError(f"{where}: '{key}': {exc}.") from None
     values = value if isinstance(action, Repeated) and isinstance(value, list) else [value]

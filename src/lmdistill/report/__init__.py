@@ -38,9 +38,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--title", default="lmdistill report", help="the report's heading")
 
 
+def with_stages(run_dirs: list[str], labels: list[str] | None) -> tuple[list[str], list[str] | None]:
+    """A progressive run's folder (`--via`) stands for its stages (`stage-N-NAME/`, in order) and its final run."""
+    dirs, names, any_stages = [], [], False
+    for i, d in enumerate(run_dirs):
+        path = Path(d)
+        stages = [s for s in path.glob("stage-*") if (s / "metrics.jsonl").is_file()] if path.is_dir() else []
+        stages.sort(key=lambda s: int(s.name.split("-")[1]) if s.name.split("-")[1].isdigit() else 0)
+        dirs += [str(s) for s in stages] + [d]
+        name = labels[i] if labels else path.name
+        names += [s.name for s in stages] + [f"{name} (final)" if stages else name]
+        any_stages = any_stages or bool(stages)
+    return (dirs, names) if any_stages else (list(run_dirs), labels)
+
+
 def run(args: argparse.Namespace) -> int:
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
-    runs = load_runs(args.run_dirs, labels)
+    if labels is not None and len(labels) != len(args.run_dirs):
+        from lmdistill.errors import LmdistillError
+
+        raise LmdistillError(f"--labels: expected {len(args.run_dirs)} labels (one per RUN_DIR), found {len(labels)}.")
+    run_dirs, labels = with_stages(args.run_dirs, labels)
+    runs = load_runs(run_dirs, labels)
     out_dir = Path(args.output_dir) if args.output_dir else metrics_path(args.run_dirs[0]).parent
     path = write_report(runs, out_dir, title=args.title)
     print(summary_table(runs))

@@ -25,6 +25,18 @@ UNIT, POSITIVE_FLOAT = float_in(0, 1), float_in(0, lo_open=True)
 DTYPES = ["float32", "bfloat16", "float16"]
 
 
+def _counts(text) -> list[int]:
+    """`300,200` (or a YAML list) -> [300, 200], each an integer >= 1."""
+    items = text if isinstance(text, list) else str(text).split(",")
+    try:
+        counts = [int(x) for x in items]
+    except ValueError:
+        counts = []
+    if not counts or any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(f"expected step counts >= 1 separated by commas (e.g. 300,200), found {text!r}")
+    return counts
+
+
 def _weights(text) -> list[float]:
     """`0.5,0.5` (or a YAML list) -> [0.5, 0.5], each a positive number."""
     items = text if isinstance(text, list) else str(text).split(",")
@@ -154,6 +166,11 @@ def _distill(p: argparse.ArgumentParser) -> None:
     a("--layer_map", default="auto", metavar="auto|S:T,...",
       help="--feature_loss: student:teacher decoder layers (0-based, -1 = last) to match; auto spreads the student's "
            "layers evenly over the teacher's, last onto last")
+    a("--via", action=Repeated, default=None, metavar="PRESET_OR_DIR",
+      help="progressive distillation: distill the teacher into this model first (a preset: a new model; a folder: "
+           "an initial checkpoint), then it into the next --via or the student; stages in OUTPUT_DIR/stage-N-NAME/")
+    a("--stage_steps", type=_counts, default=None, metavar="N1,N2,...",
+      help="--via: optimizer steps of each stage, the student's last (default: --max_steps / --epochs for each)")
     a("--method", default="kd", choices=["kd", "minillm"],
       help="kd: token-level distillation with --divergence, off- or on-policy (--on_policy_fraction); minillm: "
            "MiniLLM's policy-gradient sequence-level reverse KL on replies the student samples every step")
@@ -176,4 +193,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "train") -> No
 def run(args: argparse.Namespace) -> int:
     from lmdistill.train.loop import run_training
 
+    if getattr(args, "via", None):
+        from lmdistill.train.progressive import run_progressive
+
+        return run_progressive(args)
+    if getattr(args, "stage_steps", None):
+        from lmdistill.errors import LmdistillError
+
+        raise LmdistillError("--stage_steps: gives the steps of progressive stages; it needs --via.")
     return run_training(args)

@@ -35,9 +35,10 @@ PATH_OPTIONS = ("data", "model", "student", "teacher", "tokenizer", "teacher_cac
 # What a run writes into --output_dir (deleted by --overwrite; nothing else there is touched).
 RUN_FILES = ("metrics.jsonl", "lmdistill_config.yaml", "config.json", "generation_config.json", "model.safetensors",
              "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-             "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")
+             "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model",
+             "feature_projectors.safetensors", "stage_done.json")
 TRACKER_MODULES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX"), "swanlab": ("swanlab",)}
-RUN_GLOBS = ("checkpoint-*", ".checkpoint-*.tmp-*", ".final.tmp-*", "model-*-of-*.safetensors", "adapter")
+RUN_GLOBS = ("checkpoint-*", ".checkpoint-*.tmp-*", ".final.tmp-*", "model-*-of-*.safetensors", "adapter", "stage-*")
 
 
 @dataclass
@@ -283,7 +284,8 @@ def _check_output_dir(args) -> tuple[Path | None, list[Path]]:
         if not args.allow_config_change:
             _check_same_config(args, folder)
         return folder, []
-    old = run_outputs(out)
+    # finished stages of a progressive run (`train/progressive.py`) are its last stage's neighbours, not a used run
+    old = [p for p in run_outputs(out) if not (p.name.startswith("stage-") and (p / "stage_done.json").is_file())]
     if old and not args.overwrite:
         shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in old[:6]) + (", ..." if len(old) > 6 else "")
         raise LmdistillError(f"--output_dir '{out}' holds an earlier run ({shown}). Pass --resume to continue it, "
