@@ -60,3 +60,23 @@ class DatasetStream(BatchSource):
             padded = pad_batch([self.examples[i] for i in indices], self.pad)
             out.append({**{k: v.to(self.device) for k, v in padded.items()}, "example_index": indices})
         return out
+
+
+class CrossTokenizerStream(BatchSource):
+    """The dataset stream with the teacher's side of each micro-batch (`--cross_tokenizer`): its own tokens of the
+    same examples and the aligned rows (`lmdistill.data.cross_tokenizer.cross_batch_fields`)."""
+
+    def __init__(self, dataset: DatasetStream, teacher_pad: int):
+        self.dataset, self.teacher_pad = dataset, teacher_pad
+
+    def batches(self, step: int) -> list[dict]:
+        from lmdistill.data.cross_tokenizer import cross_batch_fields
+
+        out, aligned = [], 0
+        for batch in self.dataset.batches(step):
+            examples = [self.dataset.examples[i] for i in batch["example_index"]]
+            fields = cross_batch_fields(examples, batch["input_ids"].shape[1], self.teacher_pad, self.dataset.device)
+            aligned += len(fields["student_rows"])
+            out.append({**batch, **fields})
+        self.last_stats = {"aligned_tokens": aligned}
+        return out

@@ -159,6 +159,9 @@ def _distill(p: argparse.ArgumentParser) -> None:
       help="--generation_backend vllm: share of the GPU's memory vLLM may take")
     a("--top_k", type=POSITIVE, default=None,
       help="keep the teacher's k largest logits per position (default: the whole vocabulary)")
+    a("--cross_tokenizer", default=None, choices=["uld", "gold"],
+      help="teacher and student with different tokenizers: uld = distance between sorted next-token distributions; "
+           "gold = exact on tokens both vocabularies share, uld on the rest (default: one shared tokenizer)")
     a("--feature_loss", default=None, choices=["mse", "cosine"],
       help="also match hidden states: the student's mapped layers, projected to the teacher's width by a learned "
            "linear map, against the teacher's (default: logits only)")

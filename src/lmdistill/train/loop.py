@@ -35,7 +35,7 @@ from lmdistill.losses import fused_cross_entropy_parts, fused_teacher_distillati
 from lmdistill.models import forward_hidden, lm_head_of
 from lmdistill.models.hidden import full_weights
 from lmdistill.train import preflight
-from lmdistill.train.batches import DatasetStream
+from lmdistill.train.batches import CrossTokenizerStream, DatasetStream
 from lmdistill.train.minillm import MiniLLMStream, sample_mixed
 from lmdistill.train.on_policy import OnPolicyStream
 from lmdistill.train import state as ckpt
@@ -103,9 +103,12 @@ class Trainer:
         self.eval_teacher = None  # who scores the eval data: the teacher, or a cache's held-out part
         if self.teacher is not None and self.eval_examples is not None:
             self.eval_teacher = self.teacher.for_eval(self.eval_examples)
-            if self.eval_teacher is None and self.acc.is_main_process:
+            if self.eval_teacher is None and self.acc.is_main_process and self.teacher.offline:
                 print("note: the teacher cache holds no scores for --eval_data, so eval reports the student's CE and "
                       "perplexity but not KL to the teacher (cache them with `cache-teacher --eval_data`).")
+            elif self.eval_teacher is None and self.acc.is_main_process:
+                print("note: the teacher has another vocabulary, so eval reports the student's CE, perplexity and bits "
+                      "per byte (comparable across tokenizers) but no KL or agreement to the teacher.")
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.per_step = args.batch_size * args.accumulation_steps * self.world
         self.total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(self.examples) / self.per_step))
@@ -121,7 +124,9 @@ class Trainer:
             self.teacher.prepare(self.acc.prepare_model)  # sharded too; stays frozen in eval mode
         self.source = DatasetStream(self.examples, self.tokenizer.pad_token_id, args.batch_size,
                                     args.accumulation_steps, args.seed, self.world, self.rank, self.acc.device)
-        if getattr(args, "method", "kd") == "minillm":
+        if getattr(args, "cross_tokenizer", None):
+            self.source = CrossTokenizerStream(self.source, self.teacher.pad_token_id)
+        elif getattr(args, "method", "kd") == "minillm":
             self.source = MiniLLMStream(self.source, self.minillm_samples, args.lm_coef, args.minillm_clip)
         elif getattr(args, "on_policy_fraction", 0) > 0:
             self.source = OnPolicyStream(self.source, args.on_policy_fraction, args.seed, self.student_replies)
@@ -154,6 +159,15 @@ class Trainer:
             parts = fused_cross_entropy_parts(out.hidden, w, targets, reduction="sum", lm_head_bias=b)
             if objective == "lm":
                 parts.loss, parts.terms = parts.loss * batch["coef"], {"lm": parts.terms["ce"]}
+            return parts, out.aux_loss
+        if "student_rows" in batch:  # --cross_tokenizer
+            from lmdistill.losses.cross_tokenizer import cross_tokenizer_loss_parts
+
+            rows, wt, bt = self.teacher.score(batch)
+            parts = cross_tokenizer_loss_parts(
+                out.hidden, w, b, targets, batch["student_rows"], rows, wt, bt, a.cross_tokenizer,
+                self.teacher.student_vocab, self.teacher.vocab_size, temperature=self.temperature(), alpha=a.alpha,
+                top_k=a.top_k, shared=self.teacher.shared)
             return parts, out.aux_loss
         if objective == "minillm":
             parts = fused_teacher_distillation_loss_parts(

@@ -88,6 +88,8 @@ def _check_teacher_options(args) -> None:
         raise LmdistillError("--on_policy_fraction: a teacher cache holds scores of the dataset's replies only and "
                              "cannot score replies the student writes; use an online --teacher for on-policy "
                              "distillation (or --on_policy_fraction 0).")
+    if args.cross_tokenizer:
+        _check_cross_options(args, teachers, caches)
     if args.feature_loss:
         _check_feature_options(args, teachers, caches)
     if getattr(args, "method", "kd") == "minillm":
@@ -105,6 +107,23 @@ def _check_teacher_options(args) -> None:
     if args.temperature_end is None and args.temperature_schedule != "linear":
         raise LmdistillError(f"--temperature_schedule {args.temperature_schedule} needs --temperature_end (the value "
                              "to anneal to); without it the temperature is constant.")
+
+
+def _check_cross_options(args, teachers: list, caches: list) -> None:
+    flag = f"--cross_tokenizer {args.cross_tokenizer}"
+    if caches or len(teachers) != 1:
+        raise LmdistillError(f"{flag}: distills from one online --teacher (a teacher cache holds no alignment to the "
+                             "student's tokens; ensembles are not combined across tokenizers).")
+    conflicts = [
+        (args.method != "kd", "--method minillm"),
+        (args.on_policy_fraction > 0, "--on_policy_fraction"),
+        (bool(args.feature_loss), "--feature_loss"),
+        (bool(args.via), "--via"),
+        (args.cross_tokenizer == "gold" and args.top_k is not None, "--top_k (with gold)"),
+    ]
+    for bad, what in conflicts:
+        if bad:
+            raise LmdistillError(f"{flag}: not combined with {what} yet.")
 
 
 def _check_feature_options(args, teachers: list, caches: list) -> None:
@@ -197,7 +216,17 @@ def _check_tokenizers(args, distill: bool) -> Any:
     sources: list[tuple[str, str]] = []  # (flag + value, tokenizer folder), in order of preference
     if args.tokenizer:
         sources.append((f"--tokenizer {args.tokenizer}", args.tokenizer))
-    for teacher in (args.teacher or []) if distill else []:
+    cross = distill and getattr(args, "cross_tokenizer", None)
+    if cross:  # the teacher keeps its own tokenizer; the run's is the student's
+        teacher = args.teacher[0]
+        if not has_tokenizer(teacher):
+            raise LmdistillError(f"--cross_tokenizer: --teacher '{teacher}' has no tokenizer files; the teacher reads "
+                                 "the data with its own tokenizer and chat template.")
+        load_tokenizer(teacher, "--teacher")
+        if not args.tokenizer and not has_tokenizer(args.student):
+            raise LmdistillError(f"--cross_tokenizer: --student '{args.student}' is a preset without a tokenizer; pass "
+                                 "--tokenizer DIR for the student (the teacher keeps its own).")
+    for teacher in (args.teacher or []) if distill and not cross else []:
         if has_tokenizer(teacher):
             sources.append((f"--teacher {teacher}", teacher))
     for cache in (args.teacher_cache or []) if distill else []:
@@ -222,8 +251,9 @@ def _mismatch_message(a: str, b: str, diff: str, distill: bool) -> str:
     what = ("token-level distillation compares the two models' distributions id by id, so the teacher, the student "
             "and the data must share one vocabulary" if distill else "the model must be trained with its own "
             "vocabulary")
-    fix = ("Distill into a student of the teacher's family (same tokenizer), or build the student from a preset "
-           "(e.g. --student nano), which takes the teacher's tokenizer." if distill else
+    fix = ("Distill into a student of the teacher's family (same tokenizer), build the student from a preset "
+           "(e.g. --student nano), which takes the teacher's tokenizer, or distill across tokenizers with "
+           "--cross_tokenizer uld|gold." if distill else
            "Drop --tokenizer to use the model folder's own tokenizer, or start from a preset.")
     return f"the tokenizers of {a} and {b} disagree ({diff}): {what}. {fix}"
 

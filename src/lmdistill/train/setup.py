@@ -72,7 +72,17 @@ def build(args: argparse.Namespace, plan, device, is_main: bool) -> Setup:
     tokenizer, teacher = plan.tokenizer, None
     # the data first: a bad record stops the run before any model loads
     minillm = getattr(args, "method", "kd") == "minillm"
-    if getattr(args, "on_policy_fraction", 0) >= 1 or (minillm and args.lm_coef == 0):
+    cross = getattr(args, "cross_tokenizer", None)
+    if cross:
+        from lmdistill.data.cross_tokenizer import load_cross_examples
+        from lmdistill.tokenizer import load_tokenizer
+
+        teacher_tokenizer = load_tokenizer(args.teacher[0], "--teacher")
+        examples = load_cross_examples(args.data, tokenizer, teacher_tokenizer, args.max_seq_len, args.data_format,
+                                       args.skip_bad_records)
+        if is_main:
+            print(f"train data: {examples.stats.summary()}")
+    elif getattr(args, "on_policy_fraction", 0) >= 1 or (minillm and args.lm_coef == 0):
         # every reply is the student's: the data's prompts suffice
         examples = prompt_examples(args.data, tokenizer, args.max_seq_len, args.data_format)
         if is_main:
@@ -95,6 +105,8 @@ def build(args: argparse.Namespace, plan, device, is_main: bool) -> Setup:
         print(f"eval data: {eval_examples.stats.summary()}")
     if args.command == "train":
         student = build_student(args, args.model, tokenizer, device)
+    elif cross:
+        teacher, student = build_cross_teacher(args, tokenizer, teacher_tokenizer, device, is_main)
     else:
         teacher, student = build_teacher(args, tokenizer, device, is_main)
     if teacher is not None:
@@ -120,6 +132,27 @@ def attach_projectors(args, student, teacher, is_main: bool) -> None:
         print(f"feature distillation ({args.feature_loss}, weight {args.feature_weight:g}): student:teacher layers "
               f"{', '.join(f'{s}:{t}' for s, t in pairs)}; {sum(p.numel() for p in projectors.parameters()):,} "
               "projector parameters")
+
+
+def build_cross_teacher(args, tokenizer, teacher_tokenizer, device, is_main: bool):
+    """--cross_tokenizer: the teacher with its own tokenizer (its rows checked against it), the student with the
+    run's; for gold, the tokens the two vocabularies share."""
+    from lmdistill.losses.cross_tokenizer import shared_vocabulary
+    from lmdistill.models import load_teacher
+    from lmdistill.teachers.cross_tokenizer import CrossTokenizerTeacher
+
+    model = load_teacher(args.teacher[0], adapter=(args.teacher_adapter or [None])[0], dtype=teacher_dtypes(args)[0],
+                         device=device, tokenizer=teacher_tokenizer, verbose=is_main)
+    student = build_student(args, args.student, tokenizer, device)
+    compared_vocabulary(teacher_tokenizer, model, [])
+    compared_vocabulary(tokenizer, student, [])
+    teacher = CrossTokenizerTeacher(model, len(teacher_tokenizer))
+    teacher.student_vocab, teacher.pad_token_id = len(tokenizer), teacher_tokenizer.pad_token_id or 0
+    teacher.shared = shared_vocabulary(tokenizer, teacher_tokenizer) if args.cross_tokenizer == "gold" else None
+    if is_main and teacher.shared is not None:
+        print(f"gold: {len(teacher.shared[0]):,} tokens stand for the same bytes in both vocabularies "
+              f"({len(tokenizer):,} student, {len(teacher_tokenizer):,} teacher); the rest are compared by ULD")
+    return teacher, student
 
 
 def build_teacher(args, tokenizer, device, is_main: bool):

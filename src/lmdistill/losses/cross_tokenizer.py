@@ -1,0 +1,204 @@
+"""Building blocks of cross-tokenizer distillation (teacher and student with different tokenizers): where the two
+tokenizations can be compared, which tokens the two vocabularies share, and the two losses. Not yet a run option:
+`--cross_tokenizer` (the teacher rendering each conversation with its own template and tokenizer, batches that
+carry both tokenizations) is the next step; see the README's Limits.
+
+Alignment. Both models read the same text. A model's prediction at a position is its distribution over the token
+that starts at the next character boundary; the two predictions are comparable where that boundary is a token
+start in both tokenizations. `common_boundaries` pairs those positions by the tokens' character offsets in the
+same text; a token whose predecessor runs past its start (a multi-byte character split into byte tokens, perhaps
+merged with what precedes it) does not start at a boundary. Where one tokenizer's token covers several
+of the other's, only the first of those is aligned (the "first position" rule); the others are counted as
+unaligned by the caller, never dropped silently.
+
+Losses, per aligned position, on next-token logits zs [C, Vs] (student) and zt [C, Vt] (teacher):
+- `uld_loss` (Universal Logit Distillation, Boizard et al. 2024, "Towards Cross-Tokenizer Distillation: the
+  Universal Logit Distillation Loss for LLMs"): sum_i |sort(q)_i - sort(p)_i|, both probability vectors sorted in
+  descending order and the shorter padded with zeros -- the Wasserstein-1 distance over ranks; needs no mapping.
+- `gold_loss` (after TRL's GOLD): tokens that stand for the same bytes in both vocabularies (`shared_vocabulary`)
+  are compared exactly -- forward KL over the shared tokens plus one bucket holding each side's remaining mass
+  (when both sides have unshared tokens) -- and the remaining (unshared) probabilities by ULD:
+  matched_weight * KL + unmatched_weight * ULD(unshared). With one tokenizer on both sides every token is shared,
+  there is no bucket and the loss is the forward KL.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def token_boundaries(offsets: Sequence[tuple[int, int]]) -> dict[int, int]:
+    """{offset: token index} of the tokens that start at a boundary: the previous token ends at or before their
+    start (with character offsets, a byte-level token holding part of a multi-byte character runs past it)."""
+    found: dict[int, int] = {}
+    for k, (start, _end) in enumerate(offsets):
+        if (k == 0 or offsets[k - 1][1] <= start) and start not in found:
+            found[start] = k
+    return found
+
+
+def common_boundaries(student_offsets: Sequence[tuple[int, int]],
+                      teacher_offsets: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(i, j) for each student token i and teacher token j that start at the same boundary, given each token's
+    (start, end) offsets (bytes or characters, the same unit on both sides) in the same text."""
+    teacher = token_boundaries(teacher_offsets)
+    return [(i, teacher[c]) for c, i in sorted(token_boundaries(student_offsets).items()) if c in teacher]
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character that stands for each byte -> the byte."""
+    visible = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    chars, extra = list(visible), 0
+    for b in range(256):
+        if b not in visible:
+            visible.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(visible, chars)}
+
+
+def token_bytes(tokenizer) -> list[bytes | None]:
+    """The bytes each token id stands for (None when it has no exact byte form): byte-level BPE tokens through
+    GPT-2's alphabet, added/special tokens as their text, others decoded alone when the text is whole (no
+    U+FFFD from a partial UTF-8 sequence)."""
+    from tokenizers import decoders
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = backend is not None and isinstance(backend.decoder, decoders.ByteLevel)
+    inverse = _byte_decoder() if byte_level else {}
+    added = {i for i in getattr(tokenizer, "added_tokens_decoder", {})}
+    out: list[bytes | None] = []
+    for i in range(len(tokenizer)):
+        piece = tokenizer.convert_ids_to_tokens(i)
+        if piece is None:
+            out.append(None)
+        elif byte_level and i not in added and all(ch in inverse for ch in piece):
+            out.append(bytes(inverse[ch] for ch in piece))
+        else:
+            text = piece if i in added else tokenizer.decode([i], clean_up_tokenization_spaces=False)
+            out.append(text.encode("utf-8") if text and "\ufffd" not in text else None)
+    return out
+
+
+def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> tuple[Tensor, Tensor]:
+    """Ids (student [M], teacher [M]) of the tokens that stand for the same bytes in both vocabularies (each byte
+    string unique within its vocabulary); with one tokenizer on both sides, every token with a byte form."""
+
+    def table(tokenizer) -> dict[bytes, int]:
+        seen: dict[bytes, int] = {}
+        duplicate: set[bytes] = set()
+        for i, b in enumerate(token_bytes(tokenizer)):
+            if b is None:
+                continue
+            if b in seen:
+                duplicate.add(b)
+            seen[b] = i
+        return {b: i for b, i in seen.items() if b not in duplicate}
+
+    s, t = table(student_tokenizer), table(teacher_tokenizer)
+    common = sorted(set(s) & set(t), key=lambda x: s[x])
+    return torch.tensor([s[x] for x in common], dtype=torch.long), torch.tensor([t[x] for x in common], dtype=torch.long)
+
+
+def _fp(x: Tensor) -> Tensor:
+    """fp32 arithmetic (float64 stays float64, for references)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _sorted_l1(q: Tensor, p: Tensor) -> Tensor:
+    """Per row: sum |sort(q) - sort(p)| in descending order, the shorter vector padded with zeros."""
+    qs, ps = q.sort(-1, descending=True).values, p.sort(-1, descending=True).values
+    n = max(qs.shape[-1], ps.shape[-1])
+    qs = torch.nn.functional.pad(qs, (0, n - qs.shape[-1]))
+    ps = torch.nn.functional.pad(ps, (0, n - ps.shape[-1]))
+    return (qs - ps).abs().sum(-1)
+
+
+def uld_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
+             top_k: int | None = None) -> Tensor:
+    """ULD per row [C]: the L1 distance between the sorted next-token probabilities (the teacher a constant);
+    with `top_k`, between the k largest probabilities of each side only."""
+    q = torch.softmax(_fp(student_logits) / temperature, -1)
+    p = torch.softmax(_fp(teacher_logits.detach()) / temperature, -1)
+    if top_k is not None:
+        q, p = q.topk(min(top_k, q.shape[-1]), -1).values, p.topk(min(top_k, p.shape[-1]), -1).values
+    return _sorted_l1(q, p)
+
+
+def gold_loss(student_logits: Tensor, teacher_logits: Tensor, student_ids: Tensor, teacher_ids: Tensor,
+              temperature: float = 1.0, matched_weight: float = 1.0, unmatched_weight: float = 1.0) -> Tensor:
+    """GOLD-style per row [C]: forward KL over the shared tokens (+ a bucket of the rest) and ULD over the others."""
+    logq = torch.log_softmax(_fp(student_logits) / temperature, -1)
+    logp = torch.log_softmax(_fp(teacher_logits.detach()) / temperature, -1)
+    sid, tid = student_ids.to(logq.device), teacher_ids.to(logq.device)
+    lq_m, lp_m = logq[:, sid], logp[:, tid]
+    kl = (lp_m.exp() * (lp_m - lq_m)).sum(-1)
+    s_free = torch.ones(logq.shape[-1], dtype=torch.bool, device=logq.device)
+    t_free = torch.ones(logp.shape[-1], dtype=torch.bool, device=logp.device)
+    s_free[sid], t_free[tid] = False, False
+    if not bool(s_free.any()) and not bool(t_free.any()):
+        return matched_weight * kl
+    if bool(s_free.any()) and bool(t_free.any()):
+        # the rest bucket, from the unshared entries themselves (not 1 - sum, which rounds)
+        lp_rest, lq_rest = torch.logsumexp(logp[:, t_free], -1), torch.logsumexp(logq[:, s_free], -1)
+        kl = kl + lp_rest.exp() * (lp_rest - lq_rest)
+    uld = _sorted_l1(logq.exp()[:, s_free], logp.exp()[:, t_free])
+    return matched_weight * kl + unmatched_weight * uld
+
+
+def cross_tokenizer_loss_parts(student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None,
+                               targets: Tensor, student_rows: Tensor, teacher_hidden_rows: Tensor,
+                               teacher_weight: Tensor, teacher_bias: Tensor | None, kind: str, student_vocab: int,
+                               teacher_vocab: int, temperature: float = 1.0, alpha: float = 0.0,
+                               top_k: int | None = None, shared: tuple[Tensor, Tensor] | None = None,
+                               chunk_size: int = 256):
+    """alpha * CE(all trained positions) + (1 - alpha) * sum over aligned rows of ULD or GOLD (summed, for a loop
+    that divides by its trained-token count), as `LossParts` with terms "ce" and `kind`.
+
+    student_hidden [B, T, H] with `targets` [B, T] (shifted labels); student_rows [n]: flat positions (into B*T) of
+    the aligned predictions; teacher_hidden_rows [n, Ht]: the teacher's final hidden states at the matching
+    positions. Logits are made one chunk of rows at a time and recomputed in backward (activation checkpointing),
+    so no [n, vocab] logits of either model outlive a chunk."""
+    from torch.utils.checkpoint import checkpoint
+
+    from lmdistill.errors import LmdistillError
+    from lmdistill.losses.functional import LossParts, fused_cross_entropy_parts
+
+    if kind not in ("uld", "gold"):
+        raise LmdistillError(f"--cross_tokenizer: expected uld or gold, found {kind!r}.")
+    if kind == "gold" and shared is None:
+        raise LmdistillError("gold needs the shared vocabulary (student ids, teacher ids).")
+    if alpha > 0:
+        ce = fused_cross_entropy_parts(student_hidden, student_weight, targets, reduction="sum",
+                                       lm_head_bias=student_bias)
+    else:  # logged, not trained
+        with torch.no_grad():
+            ce = fused_cross_entropy_parts(student_hidden.detach(), student_weight.detach(), targets, reduction="sum",
+                                           lm_head_bias=None if student_bias is None else student_bias.detach())
+    Ws, bs = student_weight[:student_vocab], None if student_bias is None else student_bias[:student_vocab]
+    Wt = teacher_weight[:teacher_vocab].detach()
+    bt = None if teacher_bias is None else teacher_bias[:teacher_vocab].detach()
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, student_rows)
+
+    def chunk_loss(h: Tensor, w: Tensor, b: Tensor | None, ht: Tensor) -> Tensor:
+        zs = torch.nn.functional.linear(_fp(h), _fp(w), None if b is None else _fp(b))
+        with torch.no_grad():
+            zt = torch.nn.functional.linear(_fp(ht), _fp(Wt), None if bt is None else _fp(bt))
+        if kind == "uld":
+            return uld_loss(zs, zt, temperature, top_k).sum()
+        return gold_loss(zs, zt, shared[0], shared[1], temperature).sum()
+
+    kd = student_hidden.new_zeros((), dtype=torch.float32 if student_hidden.dtype != torch.float64 else torch.float64)
+    with torch.autocast(student_hidden.device.type, enabled=False):
+        for start in range(0, len(student_rows), chunk_size):
+            h, ht = hs[start : start + chunk_size], teacher_hidden_rows[start : start + chunk_size]
+            kd = kd + (checkpoint(chunk_loss, h, Ws, bs, ht, use_reentrant=False) if torch.is_grad_enabled()
+                       else chunk_loss(h, Ws, bs, ht))
+    parts = LossParts()
+    parts.loss = alpha * ce.loss + (1.0 - alpha) * kd if alpha > 0 else kd
+    parts.terms, parts.n_tokens = {"ce": ce.terms["ce"], kind: float(kd.detach())}, ce.n_tokens
+    return parts
