@@ -21,15 +21,14 @@ tokenizers), perplexity per token (not comparable between A and B), exact match 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import platform
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
+
+from seeds import new_record, run_seeds, seed_parser, stats  # benchmarks/seeds.py
 
 ARMS = {"ce": dict(cross_tokenizer="uld", alpha=1.0), "uld": dict(cross_tokenizer="uld", alpha=0.5),
         "gold": dict(cross_tokenizer="gold", alpha=0.5), "gold_only": dict(cross_tokenizer="gold", alpha=0.0)}
@@ -97,11 +96,6 @@ def run_seed(seed: int, recipe, work_dir: Path, device: str, vocab_b: int) -> di
             "models": models}
 
 
-def stats(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values)}
-
-
 def summarize(runs: list[dict]) -> dict:
     out = {m: {k: stats([r["models"][m][k] for r in runs]) for k in ("bits_per_byte", "accuracy", "seconds")}
            for m in ("teacher", *ARMS)}
@@ -112,38 +106,18 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def main() -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps_scale", type=float, default=1.0)
-    parser.add_argument("--vocab_b", type=int, default=400)
-    parser.add_argument("--work_dir", default="/tmp/lmdistill_cross_tokenizer_seeds")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "cross_tokenizer_seeds.json"))
+    parser = seed_parser(__doc__, "cross_tokenizer_seeds")
+    parser.add_argument("--vocab_b", type=int, default=400, help="the student's tokenizer size")
     args = parser.parse_args()
-
-    import torch
 
     from lmdistill.quickstart.pipeline import Recipe
 
     recipe = Recipe().scaled(args.steps_scale)
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    record = {"command": threads + "python benchmarks/cross_tokenizer_seeds.py " +
-              f"--seeds {' '.join(map(str, args.seeds))} --steps_scale {args.steps_scale:g} --vocab_b {args.vocab_b} "
-              f"--device {args.device}",
-              "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "python": platform.python_version(), "torch": torch.__version__},
-              "recipe": dataclasses.asdict(recipe), "arms": ARMS, "runs": []}
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    for seed in args.seeds:
-        record["runs"].append(run_seed(seed, recipe, Path(args.work_dir), args.device, args.vocab_b))
-        record["summary"] = summarize(record["runs"])
-        record["wall_seconds"] = round(time.perf_counter() - start, 1)
-        output.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"seed {seed} done in {record['runs'][-1]['seconds']:.0f}s", flush=True)
+    record = new_record("cross_tokenizer_seeds.py", f"--seeds {' '.join(map(str, args.seeds))} --steps_scale "
+                        f"{args.steps_scale:g} --vocab_b {args.vocab_b} --device {args.device}", recipe)
+    record["arms"] = ARMS
+    run_seeds(record, args.seeds, lambda seed: run_seed(seed, recipe, Path(args.work_dir), args.device, args.vocab_b),
+              summarize, Path(args.output))
     s = record["summary"]
     for m in ("teacher", *ARMS):
         print(f"{m:<8} bits/byte {s[m]['bits_per_byte']['mean']:.4f} +- {s[m]['bits_per_byte']['std']:.4f}  exact match "
@@ -152,7 +126,7 @@ def main() -> int:
         d = s[f"{arm}_minus_ce"]
         print(f"{arm} - ce: bits/byte {d['bits_per_byte']['mean']:+.4f} ({d['bits_per_byte']['min']:+.4f}.."
               f"{d['bits_per_byte']['max']:+.4f}), exact match {d['accuracy']['mean']:+.1%}")
-    print(f"wrote {output} ({record['wall_seconds']:.0f}s)")
+    print(f"wrote {args.output} ({record['wall_seconds']:.0f}s)")
     return 0
 
 

@@ -20,16 +20,14 @@ Nothing else should run on the cores meanwhile.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import platform
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
 from unittest import mock
+
+from seeds import new_record, run_seeds, seed_parser, stats  # benchmarks/seeds.py
 
 ARMS = ("ce", "kd", "feat_cos", "feat_mse", "prog")
 MIDDLE = {"hidden_size": 192, "num_layers": 2}
@@ -96,11 +94,6 @@ def run_seed(seed: int, recipe, work_dir: Path, device: str, mse_weight: float) 
             "facts": {k: v for k, v in facts.items() if k != "paths"}, "models": models}
 
 
-def stats(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values)}
-
-
 def summarize(runs: list[dict]) -> dict:
     keys = ("ppl", "bits_per_byte", "accuracy", "arm_seconds")
     out = {m: {k: stats([r["models"][m][k] for r in runs]) for k in keys} for m in ("teacher", *ARMS)}
@@ -126,40 +119,19 @@ def table(runs: list[dict], summary: dict) -> str:
 
 
 def main() -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps_scale", type=float, default=1.0)
-    parser.add_argument("--mse_weight", type=float, default=0.1)
-    parser.add_argument("--work_dir", default="/tmp/lmdistill_feature_progressive_seeds")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "feature_progressive_seeds.json"))
+    parser = seed_parser(__doc__, "feature_progressive_seeds")
+    parser.add_argument("--mse_weight", type=float, default=0.1, help="--feature_weight of the feat_mse arm")
     args = parser.parse_args()
-
-    import torch
 
     from lmdistill.quickstart.pipeline import Recipe
 
     recipe = Recipe().scaled(args.steps_scale)
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    command = (threads + "python benchmarks/feature_progressive_seeds.py " +
-               f"--seeds {' '.join(map(str, args.seeds))} --steps_scale {args.steps_scale:g} "
-               f"--mse_weight {args.mse_weight:g} --device {args.device}")
-    record = {"command": command, "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                                              "python": platform.python_version(), "torch": torch.__version__},
-              "recipe": dataclasses.asdict(recipe), "runs": []}
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    for seed in args.seeds:
-        record["runs"].append(run_seed(seed, recipe, Path(args.work_dir), args.device, args.mse_weight))
-        record["summary"] = summarize(record["runs"])
-        record["wall_seconds"] = round(time.perf_counter() - start, 1)
-        output.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"seed {seed} done in {record['runs'][-1]['seconds']:.0f}s", flush=True)
+    record = new_record("feature_progressive_seeds.py", f"--seeds {' '.join(map(str, args.seeds))} --steps_scale "
+                        f"{args.steps_scale:g} --mse_weight {args.mse_weight:g} --device {args.device}", recipe)
+    run_seeds(record, args.seeds, lambda seed: run_seed(seed, recipe, Path(args.work_dir), args.device,
+                                                         args.mse_weight), summarize, Path(args.output))
     print(table(record["runs"], record["summary"]))
-    print(f"wrote {output} ({record['wall_seconds']:.0f}s)")
+    print(f"wrote {args.output} ({record['wall_seconds']:.0f}s)")
     return 0
 
 

@@ -4,14 +4,10 @@ against HF's hidden states, and runs (metrics, projectors saved apart from the H
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from runs import lmdistill, torchrun
 
 from lmdistill.cli import main, parse_args
 from lmdistill.errors import LmdistillError
@@ -115,10 +111,7 @@ def test_a_feature_run_logs_the_term_and_saves_projectors_beside_the_model(tiny_
 
 def test_feature_runs_resume_exactly(tiny_teacher_dir, tiny_chat, tmp_path):
     def run(out, env=None, *extra):
-        cmd = [sys.executable, "-m", "lmdistill", *_argv(tiny_teacher_dir, tiny_chat, out, "--max_steps", 4,
-                                                          "--save_interval", 2, *extra)]
-        return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True,
-                              text=True, timeout=300)
+        return lmdistill(_argv(tiny_teacher_dir, tiny_chat, out, "--max_steps", 4, "--save_interval", 2, *extra), env)
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run(straight).returncode == 0
@@ -170,16 +163,9 @@ def test_two_ranks_give_the_single_process_gradients(tiny_teacher_dir, tiny_chat
 
     from lmdistill.train.loop import Trainer
 
-    tests = Path(__file__).parent
     out = tmp_path / "grads.pt"
     argv = _argv(tiny_teacher_dir, tiny_chat, tmp_path / "ddp", "--device", "cpu")[1:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(tests / "ddp_worker.py"), str(out), "distill", *argv, "--batch_size", "2"]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tests)},
-                          capture_output=True, text=True, timeout=300)
+    proc = torchrun("ddp_worker.py", out, "distill", [*argv, "--batch_size", "2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = torch.load(out)
     single = Trainer(make_args("distill", _argv(tiny_teacher_dir, tiny_chat, tmp_path / "one", "--device", "cpu")[1:]))

@@ -353,15 +353,10 @@ def test_each_token_group_is_normalized_by_its_own_count(tiny_teacher_dir, tiny_
 
 
 def test_minillm_resume_reproduces_the_straight_run(tiny_teacher_dir, tiny_chat, tmp_path):
-    import os
-    import subprocess
-    import sys
+    from runs import lmdistill
 
     def run(out, env=None, *extra):
-        cmd = [sys.executable, "-m", "lmdistill", *_argv(tiny_teacher_dir, tiny_chat, out, "--max_steps", 4,
-                                                          "--save_interval", 2, *extra)]
-        return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True,
-                              text=True, timeout=300)
+        return lmdistill(_argv(tiny_teacher_dir, tiny_chat, out, "--max_steps", 4, "--save_interval", 2, *extra), env)
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run(straight).returncode == 0

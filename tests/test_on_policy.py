@@ -260,21 +260,13 @@ def test_on_policy_methods_work_with(method, extra, tiny_teacher_dir, tiny_chat,
 @pytest.mark.parametrize("method", ["gkd", "minillm"])
 def test_two_ranks_sample_and_train_on_policy(worker, method, tiny_teacher_dir, tiny_chat, tmp_path):
     """DDP and FSDP2 (a sharded student's every forward is collective: the ranks decode until all have stopped)."""
-    import socket
-    from pathlib import Path
+    from runs import torchrun
 
-    tests = Path(__file__).parent
     out = tmp_path / "grads.pt"
     flags = ["--on_policy_fraction", 1, "--divergence", "reverse_kl"] if method == "gkd" else ["--method", "minillm"]
     argv = _argv(tiny_teacher_dir, tiny_chat, tmp_path / "run", *flags, "--device", "cpu", "--max_new_tokens",
                  12)[1:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(tests / worker), str(out), "distill", *argv, "--batch_size", "2"]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tests)},
-                          capture_output=True, text=True, timeout=300)
+    proc = torchrun(worker, out, "distill", [*argv, "--batch_size", "2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     grads = torch.load(out)
     assert grads and all(torch.isfinite(g).all() for g in grads.values())

@@ -4,12 +4,10 @@ resume that never reruns a finished stage, and the report of every stage."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
+from runs import lmdistill
 
 from lmdistill.cli import main
 
@@ -46,10 +44,8 @@ def test_stages_run_in_order_into_their_folders(tiny_teacher_dir, tiny_chat, tmp
 
 def test_resume_continues_the_unfinished_stage_and_skips_finished_ones(tiny_teacher_dir, tiny_chat, tmp_path):
     def run(out, env=None, *extra):
-        cmd = [sys.executable, "-m", "lmdistill", *_argv(tiny_teacher_dir, tiny_chat, out, "--via", "nano",
-                                                          "--stage_steps", "2,4", "--save_interval", 2, *extra)]
-        return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True,
-                              text=True, timeout=300)
+        return lmdistill(_argv(tiny_teacher_dir, tiny_chat, out, "--via", "nano", "--stage_steps", "2,4",
+                               "--save_interval", 2, *extra), env)
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run(straight).returncode == 0

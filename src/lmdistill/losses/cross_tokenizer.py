@@ -16,10 +16,11 @@ Losses, per aligned position, on next-token logits zs [C, Vs] (student) and zt [
   Universal Logit Distillation Loss for LLMs"): sum_i |sort(q)_i - sort(p)_i|, both probability vectors sorted in
   descending order and the shorter padded with zeros -- the Wasserstein-1 distance over ranks; needs no mapping.
 - `gold_loss` (after TRL's GOLD): tokens that stand for the same bytes in both vocabularies (`shared_vocabulary`)
-  are compared exactly -- forward KL over the shared tokens plus one bucket holding each side's remaining mass
-  (when both sides have unshared tokens) -- and the remaining (unshared) probabilities by ULD:
-  matched_weight * KL + unmatched_weight * ULD(unshared). With one tokenizer on both sides every token is shared,
-  there is no bucket and the loss is the forward KL.
+  are compared one to one -- forward KL between the two distributions restricted to the shared tokens, each
+  renormalized there -- and the remaining (unshared) probabilities by ULD: matched_weight * KL +
+  unmatched_weight * ULD(unshared). With one tokenizer on both sides every token is shared and the loss is the
+  forward KL. Caveat, measured (README): the same token string is not the same event when one vocabulary has
+  longer merges -- a teacher that would emit "tea." gives little probability to "te", which the student needs.
 """
 
 from __future__ import annotations
@@ -131,21 +132,20 @@ def uld_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float 
 
 def gold_loss(student_logits: Tensor, teacher_logits: Tensor, student_ids: Tensor, teacher_ids: Tensor,
               temperature: float = 1.0, matched_weight: float = 1.0, unmatched_weight: float = 1.0) -> Tensor:
-    """GOLD-style per row [C]: forward KL over the shared tokens (+ a bucket of the rest) and ULD over the others."""
+    """GOLD-style per row [C]: forward KL over the shared tokens (both renormalized there) and ULD over the others."""
     logq = torch.log_softmax(_fp(student_logits) / temperature, -1)
     logp = torch.log_softmax(_fp(teacher_logits.detach()) / temperature, -1)
     sid, tid = student_ids.to(logq.device), teacher_ids.to(logq.device)
-    lq_m, lp_m = logq[:, sid], logp[:, tid]
+    # both distributions restricted to the shared tokens and renormalized there (a token's probability is only
+    # comparable with the same token's: the unshared mass is not one event on both sides)
+    lq_m = logq[:, sid] - torch.logsumexp(logq[:, sid], -1, keepdim=True)
+    lp_m = logp[:, tid] - torch.logsumexp(logp[:, tid], -1, keepdim=True)
     kl = (lp_m.exp() * (lp_m - lq_m)).sum(-1)
     s_free = torch.ones(logq.shape[-1], dtype=torch.bool, device=logq.device)
     t_free = torch.ones(logp.shape[-1], dtype=torch.bool, device=logp.device)
     s_free[sid], t_free[tid] = False, False
     if not bool(s_free.any()) and not bool(t_free.any()):
         return matched_weight * kl
-    if bool(s_free.any()) and bool(t_free.any()):
-        # the rest bucket, from the unshared entries themselves (not 1 - sum, which rounds)
-        lp_rest, lq_rest = torch.logsumexp(logp[:, t_free], -1), torch.logsumexp(logq[:, s_free], -1)
-        kl = kl + lp_rest.exp() * (lp_rest - lq_rest)
     uld = _sorted_l1(logq.exp()[:, s_free], logp.exp()[:, t_free])
     return matched_weight * kl + unmatched_weight * uld
 
