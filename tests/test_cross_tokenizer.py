@@ -266,7 +266,6 @@ def test_one_tokenizer_through_gold_is_the_same_tokenizer_loss(tiny_teacher_dir,
     (["--method", "minillm"], "not combined with --method minillm"),
     (["--on_policy_fraction", "0.5"], "not combined with --on_policy_fraction"),
     (["--feature_loss", "mse"], "not combined with --feature_loss"),
-    (["--top_k", "5"], "not combined with --top_k (with gold)"),
 ])
 def test_cross_tokenizer_refusals(flags, message, minimind_teacher, tiny_teacher_dir, mixed_chat, tmp_path, capsys):
     argv = _run_argv(minimind_teacher, mixed_chat, tmp_path / "run", tiny_teacher_dir, "--cross_tokenizer", "gold",
@@ -302,3 +301,41 @@ def test_plain_text_documents_align_over_their_whole_text(tiny_teacher_dir, mini
         assert ex["pairs"][-1] == (len(ex["input_ids"]) - 2, len(ex["teacher_ids"]) - 1)  # both predict their EOS
         for s, t in ex["pairs"][:-1]:
             assert small.decode(ex["input_ids"][: s + 1]) == minimind_tokenizer.decode(ex["teacher_ids"][: t + 1])
+
+
+def test_gold_with_top_k_keeps_the_teachers_k_largest():
+    g = torch.Generator().manual_seed(4)
+    zs = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    zt = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    sid, tid = torch.tensor([0, 2, 5]), torch.tensor([7, 1, 3])
+    torch.testing.assert_close(gold_loss(zs, zt, sid, tid, top_k=8), gold_loss(zs, zt, sid, tid))  # k = V: all
+    got = gold_loss(zs, zt, sid, tid, top_k=3)
+    q = torch.softmax(zs, -1)
+    for r in range(4):
+        keep = zt[r].topk(3).indices.tolist()
+        p = torch.zeros(8, dtype=torch.float64)
+        p[keep] = torch.softmax(zt[r, keep], -1)
+        kl = 0.0
+        if p[tid].sum() > 0:
+            pm, qm = p[tid] / p[tid].sum(), q[r, sid] / q[r, sid].sum()
+            kl = sum(float(a * (a.log() - b.log())) for a, b in zip(pm, qm) if a > 0)
+        s_free = [i for i in range(6) if i not in sid.tolist()]
+        t_free = [i for i in range(8) if i not in tid.tolist()]
+        want = kl + _ref_sorted_l1(q[r, s_free].detach(), p[t_free])
+        assert float(got[r].detach()) == pytest.approx(want, rel=1e-10)
+    assert torch.isfinite(torch.autograd.grad(got.sum(), zs)[0]).all()
+    # a row whose top k holds no shared token: no KL term, finite gradients
+    zt2 = zt.clone()
+    zt2[0] = torch.tensor([0.0, -9, 5, -9, 6, 7, 0, -9], dtype=torch.float64)  # top 3: ids 2, 4, 5 (unshared)
+    lone = gold_loss(zs, zt2, sid, tid, top_k=3)
+    assert torch.isfinite(lone).all() and torch.isfinite(torch.autograd.grad(lone.sum(), zs)[0]).all()
+
+
+def test_gold_runs_with_top_k(minimind_teacher, tiny_teacher_dir, mixed_chat, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    assert main(_run_argv(minimind_teacher, mixed_chat, out, tiny_teacher_dir, "--cross_tokenizer", "gold",
+                          "--top_k", 20, "--max_steps", 2)) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["gold_loss"] > 0 for r in rows if r["type"] == "train")

@@ -131,16 +131,26 @@ def uld_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float 
 
 
 def gold_loss(student_logits: Tensor, teacher_logits: Tensor, student_ids: Tensor, teacher_ids: Tensor,
-              temperature: float = 1.0, matched_weight: float = 1.0, unmatched_weight: float = 1.0) -> Tensor:
-    """GOLD-style per row [C]: forward KL over the shared tokens (both renormalized there) and ULD over the others."""
+              temperature: float = 1.0, matched_weight: float = 1.0, unmatched_weight: float = 1.0,
+              top_k: int | None = None) -> Tensor:
+    """GOLD-style per row [C]: forward KL over the shared tokens (both renormalized there) and ULD over the others.
+    With `top_k`, the teacher keeps its k largest logits (renormalized over them, as the same-tokenizer loss does);
+    a row whose top k holds no shared token has no KL term."""
+    zt = _fp(teacher_logits.detach()) / temperature
+    if top_k is not None and top_k < zt.shape[-1]:
+        kth = zt.topk(top_k, -1).values[:, -1:]
+        zt = zt.masked_fill(zt < kth, -torch.inf)
     logq = torch.log_softmax(_fp(student_logits) / temperature, -1)
-    logp = torch.log_softmax(_fp(teacher_logits.detach()) / temperature, -1)
+    logp = torch.log_softmax(zt, -1)
     sid, tid = student_ids.to(logq.device), teacher_ids.to(logq.device)
     # both distributions restricted to the shared tokens and renormalized there (a token's probability is only
     # comparable with the same token's: the unshared mass is not one event on both sides)
     lq_m = logq[:, sid] - torch.logsumexp(logq[:, sid], -1, keepdim=True)
     lp_m = logp[:, tid] - torch.logsumexp(logp[:, tid], -1, keepdim=True)
-    kl = (lp_m.exp() * (lp_m - lq_m)).sum(-1)
+    # outside a top_k p is 0, and NaN in a row whose top k holds no shared token: both contribute nothing (the
+    # teacher is a constant, so zeroing it here keeps every gradient finite)
+    p_m = torch.nan_to_num(lp_m.exp(), nan=0.0)
+    kl = (p_m * (torch.where(p_m > 0, lp_m, torch.zeros_like(lp_m)) - lq_m)).sum(-1)
     s_free = torch.ones(logq.shape[-1], dtype=torch.bool, device=logq.device)
     t_free = torch.ones(logp.shape[-1], dtype=torch.bool, device=logp.device)
     s_free[sid], t_free[tid] = False, False
@@ -190,7 +200,7 @@ def cross_tokenizer_loss_parts(student_hidden: Tensor, student_weight: Tensor, s
             zt = torch.nn.functional.linear(_fp(ht), _fp(Wt), None if bt is None else _fp(bt))
         if kind == "uld":
             return uld_loss(zs, zt, temperature, top_k).sum()
-        return gold_loss(zs, zt, shared[0], shared[1], temperature).sum()
+        return gold_loss(zs, zt, shared[0], shared[1], temperature, top_k=top_k).sum()
 
     kd = student_hidden.new_zeros((), dtype=torch.float32 if student_hidden.dtype != torch.float64 else torch.float64)
     with torch.autocast(student_hidden.device.type, enabled=False):

@@ -119,7 +119,6 @@ def _check_cross_options(args, teachers: list, caches: list) -> None:
         (args.on_policy_fraction > 0, "--on_policy_fraction"),
         (bool(args.feature_loss), "--feature_loss"),
         (bool(args.via), "--via"),
-        (args.cross_tokenizer == "gold" and args.top_k is not None, "--top_k (with gold)"),
     ]
     for bad, what in conflicts:
         if bad:
