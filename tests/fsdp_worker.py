@@ -5,6 +5,7 @@ exercise what FSDP changes for the loop: sharded DTensor parameters, the lm_head
 and gradient averaging over ranks. Rank 0 saves the full gradients.
 """
 
+import os
 import sys
 
 import torch
@@ -28,3 +29,9 @@ if __name__ == "__main__":
     if trainer.acc.is_main_process:
         torch.save(grads, out)
     trainer.close()
+    # A rank has rarely aborted with "terminate called without an active exception" (C++ threads destroyed at
+    # teardown); leaving with os._exit once the process group is closed skips the interpreter's teardown. An abort
+    # before this point still fails the run, as it should.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
