@@ -367,3 +367,20 @@ def test_minillm_resume_reproduces_the_straight_run(tiny_teacher_dir, tiny_chat,
     a, b = rows(straight), rows(killed)
     assert [r["generated_tokens"] for r in a] == [r["generated_tokens"] for r in b]
     assert a[-1]["loss"] == pytest.approx(b[-1]["loss"], rel=1e-5)
+
+
+def test_mix_alpha_and_clip_flags_reach_the_sampler_and_weights(tiny_teacher_dir, tiny_chat, tmp_path):
+    """--teacher_mix_alpha 0 samples the student alone: every importance weight is exactly 1, nothing clipped;
+    --teacher_mix_alpha 1 samples the teacher, whose tokens the random student finds unlikely: weights clipped."""
+    from lmdistill.train.loop import Trainer
+
+    def stats(*flags):
+        trainer = Trainer(parse_args("distill", _argv(tiny_teacher_dir, tiny_chat, tmp_path / str(len(flags)),
+                                                      *flags)[1:]))
+        trainer.micro_batches(0)
+        return trainer.source.last_stats
+
+    alone = stats("--teacher_mix_alpha", 0)
+    assert alone["importance_weight"] == 1.0 and alone["clipped_share"] == 0.0
+    teacher = stats("--teacher_mix_alpha", 1, "--minillm_clip", 0.05)
+    assert teacher["importance_weight"] != 1.0 and teacher["clipped_share"] > 0

@@ -222,9 +222,11 @@ def test_generation_options_reach_the_student_sampler(tiny_teacher_dir, tiny_cha
 
     monkeypatch.setattr(generation, "generate_replies", spy)
     trainer = Trainer(parse_args("distill", _argv(tiny_teacher_dir, tiny_chat, tmp_path, "--on_policy_fraction", 1,
-                                                  "--generation_temperature", 0.7, "--generation_top_p", 0.9)[1:]))
+                                                  "--generation_temperature", 0.7, "--generation_top_p", 0.9,
+                                                  "--generation_backend", "hf")[1:]))
     trainer.micro_batches(0)
     assert seen["temperature"] == 0.7 and seen["top_p"] == 0.9 and seen["max_new_tokens"] == 6
+    assert seen["backend"] == "hf"
 
 
 @pytest.fixture(scope="module")
