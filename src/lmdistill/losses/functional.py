@@ -14,6 +14,8 @@ of `[tokens, vocab]` logits per model exists at a time and nothing is recomputed
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -151,52 +153,109 @@ def _project_back(g: Tensor, W: Tensor) -> Tensor:
     return sum(g[:, s : s + tile] @ W[s : s + tile].to(g.dtype) for s in range(0, W.shape[0], tile))
 
 
-def auto_chunk_size(vocab: int, n_rows: int, dtype: torch.dtype = torch.float32) -> int:
-    """Tokens per chunk so the two [chunk, vocab] logit buffers fit DEFAULT_CHUNK_BUDGET_BYTES, and at most
-    MAX_CHUNK_TOKENS (beyond that, small vocabularies gain no matmul speed, only memory); the rows are then
-    split into equal chunks (1,024 rows at budget 258 -> 4 x 256, not 3 x 258 + 250)."""
-    per_row = 2 * vocab * torch.empty((), dtype=compute_dtype(dtype)).element_size()
+def auto_chunk_size(vocab: int, n_rows: int, dtype: torch.dtype = torch.float32, buffers: int = 2) -> int:
+    """Tokens per chunk so the `buffers` [chunk, vocab] fp32 buffers (student and teacher logits; a third for a
+    softcapped head) fit DEFAULT_CHUNK_BUDGET_BYTES, and at most MAX_CHUNK_TOKENS (beyond that, small vocabularies
+    gain no matmul speed, only memory); the rows are then split into equal chunks (1,024 rows at budget 258 ->
+    4 x 256, not 3 x 258 + 250)."""
+    per_row = buffers * vocab * torch.empty((), dtype=compute_dtype(dtype)).element_size()
     n = max(n_rows, 1)
     largest = max(1, min(n, MAX_CHUNK_TOKENS, DEFAULT_CHUNK_BUDGET_BYTES // per_row))
     return -(-n // -(-n // largest))
 
 
-def _fused_chunks(hs2, Ws, bs, teacher, lab, rows, cfg, chunk, need, want_ce, row_weights=(None, None)) -> tuple:
-    """Walk trained rows in token chunks: loss sums and gradients (dh [n, H], dW, db) in the compute dtype.
+def _apply_head_(z: Tensor, head: tuple[float, float | None], keep: Tensor | None) -> Tensor:
+    """Logits of a head that scales or softcaps, in place: z <- cap * tanh(scale * z / cap) (or scale * z);
+    `keep` [C, V] receives tanh(scale * z / cap) for the gradient (softcap only)."""
+    scale, cap = head
+    if cap:
+        z.mul_(scale / cap).tanh_()
+        if keep is not None:
+            keep.copy_(z)
+        return z.mul_(cap)
+    return z.mul_(scale) if scale != 1.0 else z
+
+
+def _head_backward_(g: Tensor, head: tuple[float, float | None], kept: Tensor | None) -> Tensor:
+    """d loss / d raw logits from d loss / d logits (in place in g): scale * (1 - tanh^2) with a softcap."""
+    scale, cap = head
+    if cap:
+        g.mul_(kept.mul_(kept).sub_(1.0).mul_(-scale))  # kept = tanh(scale * z / cap): d/dz = scale (1 - tanh^2)
+    elif scale != 1.0:
+        g.mul_(scale)
+    return g
+
+
+NO_HEAD = (1.0, None)
+
+
+def _fused_chunks(hs2, Ws, bs, teacher, lab, rows, cfg, chunk, need, want_ce, row_weights=(None, None),
+                  head=NO_HEAD, dh_out=None, dW_into=None, dW_alpha=1.0, grad_scale=1.0) -> tuple:
+    """Walk trained rows in token chunks: loss sums and gradients (dh, dW, db) in the compute dtype.
     `teacher(start, r, out)` writes the teacher logits of trained rows [start, start + len(r)) (positions r)
-    into out [len(r), V]; None = CE only. `row_weights`: optional per-row (kd, ce) weights [n] (`loss_chunk_`)."""
+    into out [len(r), V]; None = CE only. `row_weights`: optional per-row (kd, ce) weights [n] (`loss_chunk_`).
+    `head`: the student's (logit scale, softcap). `dh_out` [N, H]: when given, each chunk's hidden-state gradient
+    goes straight into its rows (no [n, H] buffer). `dW_into` [V, H]: an existing buffer (the weight's .grad) that
+    the weight gradient times `dW_alpha` is added into, chunk by chunk, instead of a new [V, H] buffer.
+    `grad_scale` multiplies every gradient (a caller's loss scale, folded into the logit gradients: no extra pass)."""
     dt, n, dev = compute_dtype(hs2.dtype), len(rows), hs2.device
     weight = _weight(cfg, n)
     # dh rows are each written once and dW is set by the first chunk: no zero-filling pass over them.
-    dh = torch.empty(n, hs2.shape[1], dtype=dt, device=dev) if need[0] else None
-    dW = (torch.empty if n else torch.zeros)(Ws.shape, dtype=dt, device=dev) if need[1] else None
+    dh = None
+    if need[0]:
+        dh = dh_out if dh_out is not None else torch.empty(n, hs2.shape[1], dtype=dt, device=dev)
+    dW = dW_into
+    if dW is None and need[1]:
+        dW = (torch.empty if n else torch.zeros)(Ws.shape, dtype=dt, device=dev)
     db = torch.zeros(bs.shape, dtype=dt, device=dev) if need[2] else None
     zs_buf = torch.empty(min(chunk, n), Ws.shape[0], dtype=dt, device=dev)
     zt_buf = None if teacher is None else torch.empty_like(zs_buf)
+    kept_buf = torch.empty_like(zs_buf) if head[1] else None
     kd, ce = zs_buf.new_zeros(()), zs_buf.new_zeros(())
     for start in range(0, n, chunk):
         r = rows[start : start + chunk]
         h = hs2.index_select(0, r).to(dt)
-        zs = project_logits(h, Ws, bs, zs_buf[: len(r)])
+        kept = None if kept_buf is None else kept_buf[: len(r)]
+        zs = _apply_head_(project_logits(h, Ws, bs, zs_buf[: len(r)]), head, kept)
         zt = None if teacher is None else teacher(start, r, zt_buf[: len(r)])
         kd_w, ce_w = (None if w is None else w[start : start + chunk].to(dt) for w in row_weights)
-        kd_c, ce_c = loss_chunk_(zs, zt, lab[r], cfg, weight, want_ce, kd_w, ce_w)  # zs: d loss / d logits
+        kd_c, ce_c = loss_chunk_(zs, zt, lab[r], cfg, weight * grad_scale, want_ce, kd_w, ce_w)  # zs: d loss / d z
+        zs = _head_backward_(zs, head, kept)
         kd, ce = kd + kd_c, ce + ce_c
-        if dh is not None:
+        if dh is not None and dh_out is not None:
+            dh.index_copy_(0, r, _project_back(zs, Ws).to(dh.dtype))
+        elif dh is not None:
             dh[start : start + chunk] = _project_back(zs, Ws)
-        if dW is not None and start == 0:
-            torch.mm(zs.t(), h, out=dW)
+        if dW is not None and (dW_into is not None or start > 0):
+            dW.addmm_(zs.t(), h, alpha=dW_alpha)
         elif dW is not None:
-            dW.addmm_(zs.t(), h)
+            torch.mm(zs.t(), h, out=dW)
         if db is not None:
             db += zs.sum(0)
     return kd, ce, weight, dh, dW, db
 
 
+def _grad_buffer(W: Tensor, V: int, dt: torch.dtype) -> Tensor | None:
+    """The weight's existing .grad when the loss can add its gradient straight into it: a dense leaf gradient of the
+    compute dtype (rows [:V] of it). None otherwise (first micro-batch, low-precision or sharded weights)."""
+    g = W.grad
+    if g is None or not W.is_leaf or g.dtype != dt or g.layout != torch.strided or g.shape != W.shape:
+        return None
+    if type(g) is not torch.Tensor or not g.is_contiguous():  # a DTensor or other subclass: leave it to autograd
+        return None
+    if getattr(g, _PENDING, False):  # another fused loss of the same graph already adds into it: take the usual path
+        return None
+    return g[:V]
+
+
+_PENDING = "_lmdistill_pending_backward"
+
+
 class _FusedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, Ws, bs, labels, cfg: KDConfig, chunk: int | None, V: int, parts: LossParts,
-                scores: TeacherScores | None, row_weights: tuple = (None, None)):
+                scores: TeacherScores | None, row_weights: tuple = (None, None), head: tuple = NO_HEAD,
+                loss_scale: float | None = None):
         hs2, lab = hs.reshape(-1, hs.shape[-1]), labels.reshape(-1)
         rows = _trained_rows(labels, cfg.ignore_index)
         want_ce = check_labels(lab[rows], V, cfg, required=row_weights[1] is not None)
@@ -204,19 +263,29 @@ class _FusedKD(torch.autograd.Function):
             if w is not None and tuple(w.shape) != (len(rows),):
                 raise LmdistillError(f"{name}: expected one weight per trained position ({len(rows)}), found shape "
                                      f"{tuple(w.shape)}.")
-        chunk = chunk or auto_chunk_size(V, len(rows), hs.dtype)
+        chunk = chunk or auto_chunk_size(V, len(rows), hs.dtype, buffers=3 if head[1] else 2)
         cut = lambda x: None if x is None else x[:V]  # noqa: E731  (padded vocabulary rows)
         teacher = None if scores is None else scores.block
         if scores is not None and scores.n_rows is not None and scores.n_rows != len(rows):
             raise LmdistillError(f"fused_teacher_distillation_loss: the teacher has {scores.n_rows} rows but the "
                                  f"labels mark {len(rows)} trained positions; expected one row per position.")
+        need = ctx.needs_input_grad[:3]
+        dt, scale = compute_dtype(hs.dtype), 1.0 if loss_scale is None else float(loss_scale)
+        # A later micro-batch of gradient accumulation (or tied embeddings): the weight's gradient is added into its
+        # existing .grad chunk by chunk, already times loss_scale (backward's incoming gradient is expected to be 1).
+        into = _grad_buffer(Ws, V, dt) if (loss_scale is not None and need[1]) else None
+        full_dh = None
+        if need[0] and hs.dtype == dt:  # fp32 hidden states: chunk gradients go straight into their rows
+            full_dh = hs.new_zeros(hs2.shape)
         with torch.autocast(hs.device.type, enabled=False):  # chunk arithmetic is fp32 even under AMP
-            kd, ce, weight, dh, dW, db = _fused_chunks(hs2, cut(Ws), cut(bs), teacher, lab, rows, cfg, chunk,
-                                                       ctx.needs_input_grad[:3], want_ce, row_weights)
-        full_dh = full_dW = full_db = None
-        if dh is not None:
-            full_dh = hs.new_zeros(hs2.shape).index_copy_(0, rows, dh.to(hs.dtype)).view(hs.shape)
-        if dW is not None:
+            kd, ce, weight, dh, dW, db = _fused_chunks(hs2, cut(Ws), cut(bs), teacher, lab, rows, cfg, chunk, need,
+                                                       want_ce, row_weights, head, full_dh, into, 1.0, scale)
+        full_dW = full_db = None
+        if dh is not None and full_dh is None:
+            full_dh = hs.new_zeros(hs2.shape).index_copy_(0, rows, dh.to(hs.dtype))
+        if full_dh is not None:
+            full_dh = full_dh.view(hs.shape)
+        if dW is not None and into is None:
             full_dW = dW.to(Ws.dtype) if V == Ws.shape[0] else Ws.new_zeros(Ws.shape).index_copy_(
                 0, torch.arange(V, device=Ws.device), dW.to(Ws.dtype))
         if db is not None:
@@ -224,18 +293,75 @@ class _FusedKD(torch.autograd.Function):
             full_db[:V] = db
         grads = (full_dh, full_dW, full_db)
         ctx.present = [g is not None for g in grads]
-        ctx.save_for_backward(*(g for g in grads if g is not None))
+        ctx.loss_scale, ctx.into = scale, into is not None
+        if ctx.into:  # what backward needs to recompute the weight gradient if its incoming gradient is not 1
+            ctx.weight, ctx.grad_buffer, ctx.consumed = Ws, Ws.grad, False
+            setattr(Ws.grad, _PENDING, True)
+            ctx.recompute = (cut(bs), teacher, lab, rows, cfg, chunk, want_ce, row_weights, head, V)
+            ctx.save_for_backward(*(g for g in grads if g is not None), hs2, cut(Ws))
+        else:
+            ctx.save_for_backward(*(g for g in grads if g is not None))
         parts.record(len(rows), ce=ce, **({} if scores is None else {"kd": kd}))
-        return _combine(kd, ce, cfg, weight, ce_weighted=row_weights[1] is not None)
+        return _combine(kd, ce, cfg, weight, ce_weighted=row_weights[1] is not None) * scale
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        saved, scale = iter(ctx.saved_tensors), g.item()
+        saved, scale = iter(ctx.saved_tensors), g.item()  # the saved gradients already include loss_scale
         grads = [next(saved) if present else None for present in ctx.present]
         # A detached handle (same storage) lets autograd adopt the gradient as .grad instead of copying it,
         # which for the lm_head weight saves a [V, H] fp32 copy; the saved tensors are freed after backward.
         grads = [None if x is None else (x.detach() if scale == 1.0 else x * scale) for x in grads]
-        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None
+        if ctx.into:
+            grads[1] = _weight_grad_in_place(ctx, scale, *saved)
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None, None, None
+
+
+def _weight_grad_in_place(ctx, incoming: float, hs2: Tensor, Ws_v: Tensor) -> Tensor:
+    """The lm_head weight's gradient when the forward already added loss_scale x its own gradient into .grad:
+    that .grad itself (autograd adopts it back, so no second [V, H] buffer), corrected by recomputing the weight
+    gradient when backward's incoming gradient is not 1 (or on a second backward through the same graph)."""
+    W, s = ctx.weight, ctx.loss_scale
+    bs, teacher, lab, rows, cfg, chunk, want_ce, row_weights, head, V = ctx.recompute
+
+    def add_recomputed(buf: Tensor, alpha: float) -> None:
+        with torch.autocast(hs2.device.type, enabled=False):
+            _fused_chunks(hs2, Ws_v, bs, teacher, lab, rows, cfg, chunk, (False, True, False), want_ce, row_weights,
+                          head, None, buf[:V], alpha, s)
+
+    if ctx.consumed:  # retain_graph: a second backward gets a fresh gradient
+        buf = torch.zeros_like(W)
+        add_recomputed(buf, incoming)
+        return buf
+    ctx.consumed = True
+    buf, ctx.grad_buffer = ctx.grad_buffer, None
+    setattr(buf, _PENDING, False)
+    if W.grad is not buf:
+        raise LmdistillError("fused loss with loss_scale: the lm_head weight's .grad was replaced between the loss's "
+                             "forward and its backward; the forward had already added its gradient into the old one. "
+                             "Zero or replace gradients before the forward, not between forward and backward.")
+    if incoming != 1.0:
+        warnings.warn(f"fused loss: backward's incoming gradient is {incoming:g}, not 1, but loss_scale={s:g} was "
+                      "given, so the lm_head weight gradient was recomputed (exact, about twice the loss's cost). "
+                      "Pass the whole scale as loss_scale and call backward on the loss as it is.", stacklevel=3)
+        add_recomputed(buf, incoming - 1.0)
+    W.grad = None  # handed back through autograd, which adopts it as .grad (and runs DDP/FSDP hooks as usual)
+    return buf.detach()
+
+
+def _head(who: str, logit_scale: float, softcap: float | None) -> tuple[float, float | None]:
+    """A head's (logit scale, softcap), checked: logits = softcap * tanh(logit_scale * (h @ W.T + b) / softcap)."""
+    prefix = f"{who}_" if who else ""
+    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale != 0):
+        raise LmdistillError(f"{prefix}logit_scale: expected a finite nonzero number, found {logit_scale!r}.")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+        raise LmdistillError(f"{prefix}softcap: expected None or a finite number > 0, found {softcap!r}.")
+    return float(logit_scale), None if not softcap else float(softcap)
+
+
+def _loss_scale(loss_scale: float | None) -> float | None:
+    if loss_scale is not None and not (isinstance(loss_scale, (int, float)) and math.isfinite(loss_scale)):
+        raise LmdistillError(f"loss_scale: expected None or a finite number, found {loss_scale!r}.")
+    return None if loss_scale is None else float(loss_scale)
 
 
 def _check_shapes(what: str, a: Tensor, b: Tensor, labels: Tensor, dims: tuple[str, str]) -> None:
@@ -262,7 +388,10 @@ def distillation_loss_parts(student_logits: Tensor, teacher_logits: Tensor, labe
 def fused_distillation_loss_parts(student_hidden: Tensor, student_lm_head_weight: Tensor, teacher_hidden: Tensor,
                                   teacher_lm_head_weight: Tensor, labels: Tensor, *, chunk_size: int | None = None,
                                   vocab_size: int | None = None, student_lm_head_bias: Tensor | None = None,
-                                  teacher_lm_head_bias: Tensor | None = None, **options) -> LossParts:
+                                  teacher_lm_head_bias: Tensor | None = None, student_logit_scale: float = 1.0,
+                                  student_softcap: float | None = None, teacher_logit_scale: float = 1.0,
+                                  teacher_softcap: float | None = None, loss_scale: float | None = None,
+                                  **options) -> LossParts:
     """`fused_distillation_loss` with its KD/CE sums and token count (for logging)."""
     cfg = KDConfig(**options)
     Ws, Wt = student_lm_head_weight, teacher_lm_head_weight.detach()
@@ -276,16 +405,21 @@ def fused_distillation_loss_parts(student_hidden: Tensor, student_lm_head_weight
     V = _check_vocab(Ws.shape[0], Wt.shape[0], vocab_size, "fused_distillation_loss")
     if chunk_size is not None and chunk_size < 1:
         raise LmdistillError(f"chunk_size: expected None or an integer >= 1, found {chunk_size}.")
-    scores = ProjectedScores(teacher_hidden, Wt, teacher_lm_head_bias, V)
+    scores = ProjectedScores(teacher_hidden, Wt, teacher_lm_head_bias, V,
+                             _head("teacher", teacher_logit_scale, teacher_softcap))
     parts = LossParts()
-    parts.loss = _FusedKD.apply(student_hidden, Ws, student_lm_head_bias, labels, cfg, chunk_size, V, parts, scores)
+    parts.loss = _FusedKD.apply(student_hidden, Ws, student_lm_head_bias, labels, cfg, chunk_size, V, parts, scores,
+                                (None, None), _head("student", student_logit_scale, student_softcap),
+                                _loss_scale(loss_scale))
     return parts
 
 
 def fused_teacher_distillation_loss_parts(student_hidden: Tensor, student_lm_head_weight: Tensor,
                                          teacher: TeacherScores, labels: Tensor, *, chunk_size: int | None = None,
                                          student_lm_head_bias: Tensor | None = None, kd_weights: Tensor | None = None,
-                                         ce_weights: Tensor | None = None, **options) -> LossParts:
+                                         ce_weights: Tensor | None = None, student_logit_scale: float = 1.0,
+                                         student_softcap: float | None = None, loss_scale: float | None = None,
+                                         **options) -> LossParts:
     """The fused loss against any teacher's scores (`lmdistill.losses.scores.TeacherScores`: an online model's
     hidden states, top-k rows of a cache, an ensemble), one row per trained position of `labels`.
 
@@ -326,7 +460,8 @@ def fused_teacher_distillation_loss_parts(student_hidden: Tensor, student_lm_hea
     parts = LossParts()
     weights = tuple(None if w is None else w.detach().to(student_hidden.device) for w in (kd_weights, ce_weights))
     parts.loss = _FusedKD.apply(student_hidden, Ws, student_lm_head_bias, labels, cfg, chunk_size, V, parts, teacher,
-                                weights)
+                                weights, _head("student", student_logit_scale, student_softcap),
+                                _loss_scale(loss_scale))
     return parts
 
 
@@ -374,7 +509,8 @@ def fused_distillation_loss(student_hidden: Tensor, student_lm_head_weight: Tens
 
 def fused_cross_entropy_parts(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, *, reduction: str = "mean",
                               ignore_index: int = -100, chunk_size: int | None = None,
-                              lm_head_bias: Tensor | None = None) -> LossParts:
+                              lm_head_bias: Tensor | None = None, logit_scale: float = 1.0,
+                              softcap: float | None = None, loss_scale: float | None = None) -> LossParts:
     """Cross-entropy from hidden states `[..., H]` and an lm_head `[V, H]`, one logits chunk at a time.
 
     The same engine as the fused KD loss with alpha = 1 and no teacher: plain CE training (`lmdistill train`)
@@ -388,5 +524,6 @@ def fused_cross_entropy_parts(hidden: Tensor, lm_head_weight: Tensor, labels: Te
         )
     parts = LossParts()
     parts.loss = _FusedKD.apply(hidden, lm_head_weight, lm_head_bias, labels, cfg, chunk_size,
-                                lm_head_weight.shape[0], parts, None)
+                                lm_head_weight.shape[0], parts, None, (None, None), _head("", logit_scale, softcap),
+                                _loss_scale(loss_scale))
     return parts

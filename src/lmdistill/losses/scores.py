@@ -34,14 +34,17 @@ class TeacherScores:
 
 class ProjectedScores(TeacherScores):
     """An online teacher's final hidden states [..., H] (all positions of the batch) through its lm_head [V', H]
-    (and bias), cut to the first `vocab_size` rows."""
+    (and bias), cut to the first `vocab_size` rows; `head` = (logit scale, softcap) of models that scale or softcap
+    their logits (Cohere, Granite, Gemma 2/3), applied as the model's forward does."""
 
-    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, vocab_size: int):
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, vocab_size: int,
+                 head: tuple[float, float | None] = (1.0, None)):
         self.hidden = hidden.detach().reshape(-1, hidden.shape[-1])
         self.weight, self.bias = weight.detach()[:vocab_size], None if bias is None else bias.detach()[:vocab_size]
-        self.vocab_size = vocab_size
+        self.vocab_size, self.head = vocab_size, head
 
     def block(self, start: int, rows: Tensor, out: Tensor) -> Tensor:
-        from lmdistill.losses.functional import project_logits  # one module up; imports this one
+        from lmdistill.losses.functional import _apply_head_, project_logits  # one module up; imports this one
 
-        return project_logits(self.hidden.index_select(0, rows).to(out.dtype), self.weight, self.bias, out)
+        z = project_logits(self.hidden.index_select(0, rows).to(out.dtype), self.weight, self.bias, out)
+        return _apply_head_(z, self.head, None)

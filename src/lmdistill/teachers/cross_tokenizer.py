@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from lmdistill.errors import LmdistillError
 from lmdistill.models import forward_hidden, lm_head_of
 from lmdistill.models.hidden import full_weights
 from lmdistill.teachers.online import OnlineTeacher
@@ -18,6 +19,10 @@ class CrossTokenizerTeacher(OnlineTeacher):
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, name: str = "teacher"):
         super().__init__(model, vocab_size, name)
+        head = lm_head_of(model)
+        if head.logit_scale != 1.0 or head.softcap:
+            raise LmdistillError(f"{name} scales or softcaps its logits; the cross-tokenizer losses do not support "
+                                 "that yet (the token-level losses do).")
 
     def score(self, batch: dict):
         """(hidden rows [n, Ht] at batch["teacher_rows"], lm_head weight, bias) under no grad."""

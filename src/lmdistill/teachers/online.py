@@ -17,9 +17,6 @@ class OnlineTeacher(Teacher):
 
     def __init__(self, model: torch.nn.Module, vocab_size: int | None = None, name: str = "teacher"):
         head = lm_head_of(model)
-        if head.logit_scale != 1.0 or head.softcap:
-            raise LmdistillError(f"{name} scales or softcaps its logits; the fused loss does not support that yet "
-                                 "(Qwen, Llama and MiniMind models do not).")
         rows = head.weight.shape[0]
         if vocab_size is not None and vocab_size > rows:
             raise LmdistillError(f"{name}: expected at least {vocab_size} output rows (the vocabulary), found {rows}.")
@@ -35,8 +32,10 @@ class OnlineTeacher(Teacher):
     def score(self, batch: dict) -> ProjectedScores:
         with torch.no_grad():
             out = forward_hidden(self.model, batch["input_ids"], batch["attention_mask"], layers=self.keep_layers)
-            weight, bias = full_weights(lm_head_of(self.model))
-        scores = ProjectedScores(out.hidden, weight, bias, self.vocab_size)
+            head = lm_head_of(self.model)
+            weight, bias = full_weights(head)
+        # Cohere/Granite scale and Gemma 2/3 softcap their logits: the loss applies the same, one chunk at a time
+        scores = ProjectedScores(out.hidden, weight, bias, self.vocab_size, (head.logit_scale, head.softcap))
         scores.layers = out.layers  # {layer: [B, T, H]} of keep_layers, else None
         return scores
 

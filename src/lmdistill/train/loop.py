@@ -136,29 +136,41 @@ class Trainer:
 
     def _check_head(self) -> None:
         head = lm_head_of(self.model)
-        if head.logit_scale != 1.0 or head.softcap:
-            raise LmdistillError("the student scales or softcaps its logits; the fused loss does not support that yet "
-                                 "(Qwen, Llama and MiniMind models do not).")
+        if (head.logit_scale != 1.0 or head.softcap) and getattr(self.args, "cross_tokenizer", None):
+            raise LmdistillError("--cross_tokenizer: the student scales or softcaps its logits; the cross-tokenizer "
+                                 "losses do not support that yet (the token-level losses do).")
 
     # -- one optimizer step ------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list[dict]:
         """This process's micro-batches of `step`, from the batch source."""
         return self.source.batches(step)
 
-    def micro_loss(self, batch: dict):
-        """Summed loss of one micro-batch (LossParts, reduction "sum") and the MoE aux loss or None. A batch's
-        `objective` picks the loss: none (the run's: CE or distillation), "lm" (`coef` x CE, term "lm") or "minillm"
-        (the weighted single-step reverse KL and policy-gradient terms, "rkl" and "pg")."""
+    def micro_loss(self, batch: dict, scale: float = 1.0):
+        """Loss of one micro-batch times `scale` (LossParts: the loss summed over its trained tokens, then scaled;
+        the terms stay plain sums) and the MoE aux loss or None. A batch's `objective` picks the loss: none (the
+        run's: CE or distillation), "lm" (`coef` x CE, term "lm") or "minillm" (the weighted single-step reverse KL
+        and policy-gradient terms, "rkl" and "pg"). The scale goes into the fused loss (`loss_scale`), which then
+        adds the lm_head's gradient straight into an existing .grad on later micro-batches instead of building a
+        second [V, H] buffer; so backward must see the returned loss as is (no fp16 loss scaler: it scales after)."""
         a = self.args
+        in_loss = self.acc.scaler is None  # a GradScaler multiplies the loss again before backward
+        ls = scale if in_loss else None
         targets = shift_labels(batch["labels"])
         layers = self.projectors.student_layers if self.projectors is not None else None
         out = forward_hidden(self.model, batch["input_ids"], batch["attention_mask"], layers=layers)
-        w, b = full_weights(lm_head_of(self.model))
+        head = lm_head_of(self.model)
+        w, b = full_weights(head)
+        heads = {"student_logit_scale": head.logit_scale, "student_softcap": head.softcap}
         objective = batch.get("objective")
         if self.teacher is None or objective == "lm":
-            parts = fused_cross_entropy_parts(out.hidden, w, targets, reduction="sum", lm_head_bias=b)
+            coef = batch["coef"] if objective == "lm" else 1.0
+            parts = fused_cross_entropy_parts(out.hidden, w, targets, reduction="sum", lm_head_bias=b,
+                                              logit_scale=head.logit_scale, softcap=head.softcap,
+                                              loss_scale=None if ls is None else ls * coef)
+            if ls is None:
+                parts.loss = parts.loss * (scale * coef)
             if objective == "lm":
-                parts.loss, parts.terms = parts.loss * batch["coef"], {"lm": parts.terms["ce"]}
+                parts.terms = {"lm": parts.terms["ce"]}
             return parts, out.aux_loss
         if "student_rows" in batch:  # --cross_tokenizer
             from lmdistill.losses.cross_tokenizer import cross_tokenizer_loss_parts
@@ -168,23 +180,27 @@ class Trainer:
                 out.hidden, w, b, targets, batch["student_rows"], rows, wt, bt, a.cross_tokenizer,
                 self.teacher.student_vocab, self.teacher.vocab_size, temperature=self.temperature(), alpha=a.alpha,
                 top_k=a.top_k, shared=self.teacher.shared)
+            parts.loss = parts.loss * scale
             return parts, out.aux_loss
         if objective == "minillm":
             parts = fused_teacher_distillation_loss_parts(
                 out.hidden, w, self.teacher.score(batch), targets, reduction="sum", student_lm_head_bias=b,
-                divergence="reverse_kl", kd_weights=batch["kd_weights"], ce_weights=batch["ce_weights"])
+                divergence="reverse_kl", kd_weights=batch["kd_weights"], ce_weights=batch["ce_weights"],
+                loss_scale=ls, **heads)
             parts.terms = {"rkl": parts.terms["kd"], "pg": parts.terms["ce"]}
-            return parts, out.aux_loss
-        scores = self.teacher.score(batch)
-        parts = fused_teacher_distillation_loss_parts(
-            out.hidden, w, scores, targets, reduction="sum", student_lm_head_bias=b,
-            divergence=a.divergence, temperature=self.temperature(), alpha=a.alpha, skew_lambda=a.skew_lambda,
-            jsd_beta=a.jsd_beta, **({"top_k": a.top_k} if a.top_k else {}))
-        if self.projectors is not None:  # hidden-state distillation on the same trained positions
-            rows = (targets.reshape(-1) != -100).nonzero().squeeze(1)
-            feature = self.projectors.loss_sum(out.layers, scores.layers, rows, a.feature_loss)
-            parts.loss = parts.loss + a.feature_weight * feature
-            parts.terms["feature"] = feature.item()
+        else:
+            scores = self.teacher.score(batch)
+            parts = fused_teacher_distillation_loss_parts(
+                out.hidden, w, scores, targets, reduction="sum", student_lm_head_bias=b,
+                divergence=a.divergence, temperature=self.temperature(), alpha=a.alpha, skew_lambda=a.skew_lambda,
+                jsd_beta=a.jsd_beta, loss_scale=ls, **heads, **({"top_k": a.top_k} if a.top_k else {}))
+            if self.projectors is not None:  # hidden-state distillation on the same trained positions
+                rows = (targets.reshape(-1) != -100).nonzero().squeeze(1)
+                feature = self.projectors.loss_sum(out.layers, scores.layers, rows, a.feature_loss)
+                parts.loss = parts.loss + (a.feature_weight * scale) * feature
+                parts.terms["feature"] = feature.item()
+        if ls is None:
+            parts.loss = parts.loss * scale
         return parts, out.aux_loss
 
     def temperature(self) -> float:
@@ -208,12 +224,10 @@ class Trainer:
             sync = m == len(batches) - 1
             g = groups.index(b.get("objective"))
             with (nullcontext() if sync else self.acc.no_sync(self.model)), self.acc.autocast():
-                parts, aux = self.micro_loss(b)
-                total = parts.loss * (self.world / n_group[g])  # DDP averages gradients over ranks: undo it
-                if aux is not None:
-                    total = total + aux / len(batches)
+                parts, aux = self.micro_loss(b, self.world / n_group[g])  # DDP averages over ranks: undo it
+                total = parts.loss if aux is None else parts.loss + aux / len(batches)
                 self.acc.backward(total)
-            objective += parts.loss.item() / n_group[g]
+            objective += parts.loss.item() / self.world
             for name, value in parts.terms.items():
                 terms[name] = terms.get(name, 0.0) + value / n_group[g]
             if aux is not None:  # a per-micro-batch mean, not a sum over tokens
