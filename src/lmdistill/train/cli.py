@@ -88,6 +88,10 @@ def _common(p: argparse.ArgumentParser, command: str) -> None:
     a("--gradient_checkpointing", action="store_true", help="recompute student activations in backward (less memory)")
     a("--num_workers", type=COUNT, default=0, help="accepted for MiniMind compatibility (tokenized data is in memory)")
     a("--ddp", action="store_true", help="accepted for MiniMind compatibility (torchrun/accelerate decide)")
+    a("--dry_run", action="store_true",
+      help="check the options, build the models on the meta device from their configs (no weights read), tokenize "
+           "the data and print parameters, memory per device (weights, gradients, optimizer, activations with and "
+           "without --gradient_checkpointing, teacher, loss), tokens per step, steps and whether it fits; then exit")
     # logging, checkpoints, eval
     a("--log_interval", type=POSITIVE, default=10, help="write metrics.jsonl and a progress line every N steps")
     a("--save_interval", type=COUNT, default=0, help="write checkpoint-STEP/ every N steps (0: only at the end)")
@@ -194,6 +198,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "train") -> No
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "dry_run", False):
+        from lmdistill.train.estimate import dry_run
+
+        return dry_run(args)
     from lmdistill.train.loop import run_training
 
     if getattr(args, "via", None):

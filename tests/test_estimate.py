@@ -1,0 +1,243 @@
+"""`--dry_run`'s estimate: parameters counted exactly on the meta device, optimizer and gradient bytes by hand,
+activations against the tensors autograd really keeps (hooks on tiny Qwen3 and Llama models), LoRA, gradient
+checkpointing and world size; the CLI prints the table from configs alone (no weights file needed) and writes
+nothing; and a short real run's peak RSS is within 25% of the estimate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmdistill.cli import main
+from lmdistill.models import build_config, load_model
+from lmdistill.train.estimate import (
+    RunShape, TeacherShape, activation_bytes, backward_bytes, estimate, layer_bytes, meta_model, model_shape,
+)
+
+VOCAB = 320
+# nano at hidden 48: heads 4 (head_dim 12), kv heads 2, MLP 64 * ceil(48 pi / 64) = 192, tied embeddings
+NANO48 = {"hidden_size": 48, "num_layers": 2}
+NANO48_PARAMS = (VOCAB * 48  # embedding = lm_head
+                 + 2 * (48 * 48 + 2 * 48 * 24 + 48 * 48  # q, k, v, o
+                        + 3 * 48 * 192  # gate, up, down
+                        + 2 * 48 + 2 * 12)  # input/post norms, q/k norms
+                 + 48)  # final norm
+
+
+def _nano48(**lora):
+    from lmdistill.models import apply_lora
+
+    model = load_model("nano", vocab_size=VOCAB, device="meta", verbose=False, **NANO48)
+    return model_shape(apply_lora(model, **lora) if lora else model, "nano")
+
+
+def test_parameters_gradients_and_optimizer_by_hand():
+    s = _nano48()
+    assert s.params == s.trainable == NANO48_PARAMS == 84_768
+    assert (s.hidden, s.layers, s.heads, s.kv_heads, s.head_dim, s.mlp, s.vocab, s.qk_norm) == (
+        48, 2, 4, 2, 12, 192, VOCAB, True)
+    est = estimate(RunShape("train", batch_size=4, seq_len=32), s, [])
+    assert est.weights == est.gradients == 4 * NANO48_PARAMS
+    assert est.optimizer == 8 * NANO48_PARAMS
+    assert est.tokens_per_step == 4 * 32
+
+
+def test_lora_trains_only_the_adapters():
+    full, lora = _nano48(), _nano48(r=4, dropout=0.0)
+    # r x (in + out) per adapted projection: q 48+48, k 48+24, v 48+24, o 48+48, gate/up 48+192, down 192+48
+    adapters = 2 * 4 * (96 + 72 + 72 + 96 + 240 + 240 + 240)
+    assert adapters == 8_448
+    assert lora.params == NANO48_PARAMS + adapters and lora.trainable == adapters
+    run = RunShape("train", batch_size=4, seq_len=32)
+    a, b = estimate(run, full, []), estimate(run, lora, [])
+    assert b.optimizer == 8 * adapters < a.optimizer and b.gradients == 4 * adapters < a.gradients
+    assert b.weights == a.weights + 4 * adapters
+    assert b.loss < a.loss  # the frozen lm_head needs no [V, H] weight gradient
+
+
+def _saved_bytes_per_token(model, tokens: torch.Tensor, autocast: bool = False) -> float:
+    """Bytes autograd keeps for backward (distinct storages, parameters excluded) plus the final hidden states."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    decoder = getattr(model, "base_model", model)
+    decoder = getattr(decoder, "model", decoder)
+    decoder = getattr(decoder, "model", decoder)  # peft: PeftModel.base_model.model.model
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+        hidden = decoder(input_ids=tokens, attention_mask=torch.ones_like(tokens)).last_hidden_state
+    weights_cast = sum(p.numel() * 2 for p in model.parameters() if p.dim() >= 2 and p.requires_grad) if autocast else 0
+    return (sum(seen.values()) - weights_cast + hidden.nbytes) / tokens.numel()
+
+
+@pytest.mark.parametrize("family, model_type", [("nano", "qwen3"), ("minimind2-small", "llama")])
+def test_activations_match_what_autograd_keeps(family, model_type, one_thread):
+    torch.manual_seed(0)
+    model = load_model(family, vocab_size=VOCAB, hidden_size=64, num_layers=3, verbose=False).train()
+    shape = model_shape(model, family)
+    assert shape.model_type == model_type and shape.qk_norm == (model_type == "qwen3")
+    tokens = torch.randint(0, VOCAB, (2, 48))
+    measured = _saved_bytes_per_token(model, tokens)
+    estimated = activation_bytes(shape, 1, half=False, checkpointed=False) - backward_bytes(shape, False)
+    assert estimated == pytest.approx(measured, rel=0.01)  # only RoPE's cos/sin table is left out
+    model.activation_checkpointing_enable()
+    kept = _saved_bytes_per_token(model, tokens)  # layer inputs; one layer is recomputed in backward
+    checkpointed = activation_bytes(shape, 1, False, True) - backward_bytes(shape, False)
+    assert checkpointed - layer_bytes(shape, False) == pytest.approx(kept, rel=0.01)
+    assert checkpointed < estimated
+
+
+def test_autocast_and_lora_activations_are_close_to_what_autograd_keeps(one_thread):
+    from lmdistill.models import apply_lora
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (2, 48))
+    model = load_model("nano", vocab_size=VOCAB, hidden_size=64, num_layers=3, verbose=False).train()
+    shape = model_shape(model, "nano")
+    assert activation_bytes(shape, 1, True, False) - backward_bytes(shape, True) == pytest.approx(
+        _saved_bytes_per_token(model, tokens, autocast=True), rel=0.05)
+    for dropout in (0.0, 0.05):
+        lora = apply_lora(load_model("nano", vocab_size=VOCAB, hidden_size=64, num_layers=3, verbose=False), r=4,
+                          dropout=dropout).train()
+        shape = model_shape(lora, "nano")
+        assert shape.lora_targets and shape.lora_dropout == dropout
+        # the first layer's LoRA inputs need no gradient, so the formula may read a little high, never low
+        kept = activation_bytes(shape, 1, False, False) - backward_bytes(shape, False)
+        assert 0 <= kept / _saved_bytes_per_token(lora, tokens) - 1 < 0.15
+
+
+def test_world_size_ddp_keeps_per_device_weights_and_fsdp_shards_them():
+    s = _nano48()
+    teacher = TeacherShape("t", _nano48(), "float32")
+    one = estimate(RunShape("distill", 4, 32), s, [teacher], examples=100)
+    ddp = estimate(RunShape("distill", 4, 32, world=4, strategy="ddp"), s, [teacher], examples=100)
+    fsdp = estimate(RunShape("distill", 4, 32, world=4, strategy="fsdp"), s, [teacher], examples=100)
+    assert ddp.weights == one.weights and ddp.optimizer == one.optimizer and ddp.activations == one.activations
+    assert ddp.gradients == 2 * one.gradients  # DDP's gradient buckets
+    assert fsdp.weights == one.weights // 4 + 4 * s.layer_params
+    assert fsdp.gradients == one.gradients // 4 and fsdp.optimizer == one.optimizer // 4
+    assert fsdp.teacher < one.teacher and fsdp.total(False) < one.total(False)
+    assert ddp.tokens_per_step == 4 * one.tokens_per_step
+    assert (one.steps, ddp.steps) == (25, 7)  # ceil(100 / 4), ceil(100 / 16)
+    assert estimate(RunShape("distill", 4, 32, max_steps=9), s, [teacher], examples=None).steps == 9
+    assert estimate(RunShape("distill", 4, 32), s, [teacher], examples=None).steps is None
+
+
+# -- the CLI -------------------------------------------------------------------------------------------------
+@pytest.fixture()
+def config_only(tmp_path, tiny_tokenizer_dir):
+    """Model folders holding config.json and tokenizer files but no weights: only a dry run can use them."""
+    import shutil
+
+    def make(name, **knobs):
+        folder = tmp_path / name
+        shutil.copytree(tiny_tokenizer_dir, folder)
+        build_config("nano", VOCAB, **knobs).save_pretrained(folder)
+        assert not list(folder.glob("*.safetensors"))
+        return folder
+
+    return make
+
+
+def test_dry_run_prints_the_table_from_configs_and_writes_nothing(config_only, tiny_corpus, tmp_path, capsys):
+    t1, t2, student = config_only("t1", hidden_size=64), config_only("t2", num_layers=3), config_only("s", **NANO48)
+    out = tmp_path / "run"
+    argv = ["distill", "--teacher", t1, "--teacher", t2, "--student", student, "--data", tiny_corpus,
+            "--output_dir", out, "--max_seq_len", "32", "--batch_size", "4", "--accumulation_steps", "2",
+            "--device", "cpu", "--lora_r", "4", "--dry_run"]
+    assert main(list(map(str, argv))) == 0
+    text = capsys.readouterr().out
+    assert not out.exists()
+    assert f"{NANO48_PARAMS + 8_448:,} parameters, 8,448 trainable (LoRA r=4" in text  # as counted by hand above
+    assert text.count("  teacher  ") == 2 and "3 x [" in text  # an ensemble's extra loss buffer
+    assert "tokens per optimizer step: 4 x 2 accumulation x 1 process(es) x 32 = 256" in text
+    assert "optimizer steps: " in text and "epoch of" in text
+    for part in ("weights", "gradients", "optimizer state", "activations", "teacher", "loss", "process baseline",
+                 "total (estimated peak", "device memory visible", "fits: yes"):
+        assert part in text, part
+
+
+def test_dry_run_with_a_teacher_cache_world_size_and_train(tiny_teacher_dir, tiny_chat, tmp_path, capsys,
+                                                           monkeypatch):
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", "--teacher", str(tiny_teacher_dir), "--data", str(tiny_chat), "--output_dir",
+                 str(cache), "--max_seq_len", "64", "--top_k", "8", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["distill", "--teacher_cache", cache, "--student", "nano", "--data", tiny_chat, "--output_dir",
+            tmp_path / "kd", "--max_seq_len", "64", "--max_steps", "7", "--device", "cpu", "--dry_run"]
+    assert main(list(map(str, argv))) == 0
+    text = capsys.readouterr().out
+    assert f"teacher  cache {cache}: top-8 rows" in text and "teacher cache files (held in RAM)" in text
+    assert "DDP over 2" in text and "8 x 1 accumulation x 2 process(es) x 64 = 1,024" in text
+    assert "optimizer steps: 7 (--max_steps)" in text and not (tmp_path / "kd").exists()
+    monkeypatch.delenv("WORLD_SIZE")
+    argv = ["train", "--model", "nano", "--tokenizer", tiny_teacher_dir, "--data", tiny_chat, "--output_dir",
+            tmp_path / "ce", "--device", "cpu", "--gradient_checkpointing", "--dry_run"]
+    assert main(list(map(str, argv))) == 0
+    total = next(ln for ln in capsys.readouterr().out.splitlines() if ln.lstrip().startswith("total"))
+    assert total.rstrip().endswith("*") and total.count("*") == 2  # the legend's and the checkpointed column's
+
+
+def test_dry_run_errors_name_the_flag_and_the_folder(config_only, tiny_corpus, tmp_path, capsys):
+    broken = config_only("broken")
+    (broken / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    argv = ["distill", "--teacher", broken, "--student", "nano", "--data", tiny_corpus, "--output_dir",
+            tmp_path / "run", "--device", "cpu", "--dry_run"]
+    assert main(list(map(str, argv))) == 1
+    err = capsys.readouterr().err
+    assert f"--teacher '{broken}'" in err and "config.json" in err
+    with pytest.raises(Exception, match="--student 'no-such-folder'"):
+        meta_model("no-such-folder", "--student", None)
+
+
+# -- measured ------------------------------------------------------------------------------------------------
+MEASURE = r"""
+import json, resource, sys
+from train_args import make_args
+from lmdistill.train.estimate import build_estimate, _examples
+from lmdistill.train.loop import Trainer
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+args = make_args("distill", sys.argv[1:])
+trainer = Trainer(args)
+trainer.model.train()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the RSS high-water mark starts again from here: models, data and trainer are built
+base = rss()
+for _ in range(3):
+    trainer.step()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+est = build_estimate(args, trainer.tokenizer, _examples(args, trainer.tokenizer))
+# resident before the reset: the process, the data and the preset student; the teacher's safetensors are mapped
+# and read in during the first step
+print(json.dumps({"measured": peak - base, "estimated": est.total(False) - sum(est.host.values()) - est.weights}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the RSS high-water mark")
+def test_a_short_run_peaks_within_25_percent_of_the_estimate(tiny_teacher_dir, tiny_corpus, tmp_path):
+    from runs import TESTS
+
+    argv = ["--teacher", tiny_teacher_dir, "--student", "nano", "--data", tiny_corpus, "--output_dir",
+            tmp_path / "run", "--max_seq_len", "256", "--batch_size", "16", "--device", "cpu"]
+    done = subprocess.run([sys.executable, "-c", MEASURE, *map(str, argv)], capture_output=True, text=True, check=False,
+                          timeout=300, cwd=TESTS, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert r["estimated"] > 50 * 2**20  # activations and loss buffers dominate, not noise
+    assert abs(r["estimated"] / r["measured"] - 1) < 0.25, r
