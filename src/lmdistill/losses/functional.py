@@ -164,6 +164,41 @@ def auto_chunk_size(vocab: int, n_rows: int, dtype: torch.dtype = torch.float32,
     return -(-n // -(-n // largest))
 
 
+HUGE_PAGE = 1 << 21
+HUGE_PAGE_MIN_BYTES = 16 * 2**20
+
+
+def _madvise():
+    """libc's madvise on Linux, else None."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc.madvise
+    except (OSError, AttributeError):
+        return None
+
+
+_MADVISE = _madvise() if __import__("sys").platform.startswith("linux") else None
+MADV_HUGEPAGE = 14
+
+
+def empty_buffer(shape, dtype: torch.dtype, device) -> Tensor:
+    """torch.empty for the loss's large CPU buffers (logit chunks, the weight gradient), asking Linux for transparent
+    huge pages before the first write: a fresh 150-550 MB buffer then takes ~2.5x less time to fault in (2 MB pages
+    instead of 4 KB; measured on the project's machine, where THP is in madvise mode). Advisory only: anywhere else,
+    or if the kernel declines, it is a plain torch.empty."""
+    x = torch.empty(shape, dtype=dtype, device=device)
+    size = x.numel() * x.element_size()
+    if _MADVISE is not None and x.device.type == "cpu" and size >= HUGE_PAGE_MIN_BYTES:
+        start = (x.data_ptr() + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
+        end = (x.data_ptr() + size) & ~(HUGE_PAGE - 1)
+        if end > start:
+            _MADVISE(start, end - start, MADV_HUGEPAGE)
+    return x
+
+
 def _apply_head_(z: Tensor, head: tuple[float, float | None], keep: Tensor | None) -> Tensor:
     """Logits of a head that scales or softcaps, in place: z <- cap * tanh(scale * z / cap) (or scale * z);
     `keep` [C, V] receives tanh(scale * z / cap) for the gradient (softcap only)."""
@@ -206,11 +241,12 @@ def _fused_chunks(hs2, Ws, bs, teacher, lab, rows, cfg, chunk, need, want_ce, ro
         dh = dh_out if dh_out is not None else torch.empty(n, hs2.shape[1], dtype=dt, device=dev)
     dW = dW_into
     if dW is None and need[1]:
-        dW = (torch.empty if n else torch.zeros)(Ws.shape, dtype=dt, device=dev)
+        dW = empty_buffer(Ws.shape, dt, dev) if n else torch.zeros(Ws.shape, dtype=dt, device=dev)
     db = torch.zeros(bs.shape, dtype=dt, device=dev) if need[2] else None
-    zs_buf = torch.empty(min(chunk, n), Ws.shape[0], dtype=dt, device=dev)
-    zt_buf = None if teacher is None else torch.empty_like(zs_buf)
-    kept_buf = torch.empty_like(zs_buf) if head[1] else None
+    buffer = lambda: empty_buffer((min(chunk, n), Ws.shape[0]), dt, dev)  # noqa: E731
+    zs_buf = buffer()
+    zt_buf = None if teacher is None else buffer()
+    kept_buf = buffer() if head[1] else None
     kd, ce = zs_buf.new_zeros(()), zs_buf.new_zeros(())
     for start in range(0, n, chunk):
         r = rows[start : start + chunk]
