@@ -4,8 +4,9 @@
     lmdistill eval --model out/kd --data gsm8k_test.jsonl --task exact_match --answer_regex '####\\s*(\\S+)'
     lmdistill eval --model out/kd --data test.jsonl --task rouge --max_new_tokens 128
 
-Tasks: `lm` (CE, perplexity, bits/byte on the trained tokens; with `--teacher`, KL(teacher || model) and top-1
-agreement), `exact_match` and `rouge` (greedy replies to each conversation's prompt, see `eval/tasks.py`).
+Tasks: `lm` (CE, perplexity, bits/byte on the trained tokens; with `--teacher`, KL(teacher || model), top-1
+agreement and the teacher's own CE, with a note when the teacher is worse than a model on this data), `exact_match`
+and `rouge` (greedy replies to each conversation's prompt, see `eval/tasks.py`).
 Each model uses its own folder's tokenizer (or `--tokenizer`); perplexities of models with different
 tokenizers are not comparable, bits/byte are, and KL/agreement need the teacher's vocabulary. Writes
 `eval.json` ({model: metrics}) and `eval.md` to `--output_dir` when given; the table is always printed.
@@ -141,6 +142,11 @@ def _run_lm(args, models, tokenizer_paths, tokenizers, device) -> tuple[dict, li
         results[name] = evaluate_lm(model, examples[tok_path], tokenizer, teacher if with_teacher else None,
                                     batch_size=args.batch_size, device=device, vocab_size=vocab)
         results[name].update(task="lm", examples=len(examples[tok_path]), tokenizer=tok_path)
+        teacher_ce, ce = results[name].get("teacher_ce"), results[name]["ce"]
+        if teacher_ce is not None and teacher_ce > ce * (1 + 1e-6):
+            results[name]["teacher_worse"] = True
+            notes.append(f"the teacher {args.teacher} is worse than {name} on this data (teacher CE {teacher_ce:.4f} > "
+                         f"{ce:.4f}): distilling it into {name} will not help.")
         del model
         gc.collect()
     return results, notes

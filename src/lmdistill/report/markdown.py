@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lmdistill.report.plots import plot_runs
-from lmdistill.report.runs import Metrics, eval_metric_names, format_value, summarize, term_names
+from lmdistill.report.runs import Metrics, eval_metric_names, format_value, health_notes, summarize, term_names
 
 EVAL_COLUMNS = {"ce": "eval CE", "ppl": "ppl", "bits_per_byte": "bits/byte", "kl_to_teacher": "KL to teacher",
-                "agreement": "agreement"}
+                "agreement": "agreement", "teacher_ce": "teacher CE"}
 # (header, config keys tried in order): `train` runs have `model`, `distill` runs `student` and `teacher`.
 CONFIG_COLUMNS = (("command", ("command",)), ("teacher", ("teacher",)), ("student / model", ("student", "model")),
                   ("divergence", ("divergence",)), ("alpha", ("alpha",)), ("temperature", ("temperature",)))
@@ -74,6 +74,12 @@ def write_report(runs: dict[str, Metrics], out_dir: str | Path, title: str = "lm
         "eval columns are from each run's last evaluation. KD is `—` for cross-entropy-only runs; a distill "
         "run's loss mixes CE and KD, so compare runs on CE.", "",
     ]
+    health = [f"- {label}: {note}" for label, m in runs.items() for note in health_notes(m)]
+    if health:
+        parts += ["## Training health", "", *health, ""]
+        if any(e["type"] == "final" for m in runs.values() for e in m.get("events", [])):
+            parts += ["Under --keep_best the exported model is the best evaluation's; the summary's eval columns are "
+                      "the last evaluation's.", ""]
     if images:
         parts += ["## Plots", ""]
         for image in images:

@@ -24,7 +24,7 @@ from lmdistill.report.runs import Metrics, eval_metric_names, has_kd, is_number,
 METRIC_LABELS = {
     "ce": "eval CE (nats/token) ↓", "ppl": "perplexity ↓", "bits_per_byte": "bits per byte ↓",
     "kl_to_teacher": "KL(teacher ‖ model) ↓", "agreement": "top-1 agreement with teacher ↑",
-    "accuracy": "exact match ↑",
+    "accuracy": "exact match ↑", "entropy": "next-token entropy (nats)", "teacher_ce": "teacher's eval CE",
 }
 _STYLES = {"loss": ("-", "total"), "ce_loss": ("--", "CE part"), "kd_loss": (":", "KD part")}
 _MORE_STYLES = ("-.", (0, (1, 1)), (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))  # other named terms (aux, hidden, ...)

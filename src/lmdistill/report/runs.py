@@ -2,7 +2,9 @@
 `lmdistill.train.metrics`), the resolved `lmdistill_config.yaml`, and the per-run numbers of the summary.
 
 A run's metrics are a plain dict `{"train": [record, ...], "eval": [record, ...], "config": {...}}` so a
-notebook can build one by hand; every function here and in the plots accepts that shape.
+notebook can build one by hand; every function here and in the plots accepts that shape. `read_metrics` adds
+`"events"`: the training-health records (`best`, `early_stop`, `final`, `health`; see `lmdistill.train.health`),
+read with `m.get("events", [])`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ CONFIG_FILE = "lmdistill_config.yaml"
 # Eval metrics in the order the evaluator defines them; other numeric fields follow alphabetically.
 EVAL_ORDER = ("ce", "ppl", "bits_per_byte", "kl_to_teacher", "agreement")
 _NOT_EVAL_METRICS = {"type", "step", "tokens"}
+EVENT_TYPES = ("best", "early_stop", "final", "health")
 
 Metrics = dict[str, Any]
 
@@ -48,13 +51,15 @@ def read_metrics(run_dir: str | Path) -> Metrics:
     object with a `type` (and an integer `step` for train/eval) is an error naming file:line.
     """
     path = metrics_path(run_dir)
-    found: dict[str, list[dict]] = {"train": [], "eval": []}
+    found: dict[str, list[dict]] = {"train": [], "eval": [], "events": []}
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 record = _parse_record(line, f"{path}:{lineno}")
                 if record["type"] in found:
                     found[record["type"]].append(record)
+                elif record["type"] in EVENT_TYPES:
+                    found["events"].append(record)
     if not found["train"] and not found["eval"]:
         raise LmdistillError(f"{path}: no train or eval records (was the run stopped before its first log step?).")
     return {**found, "config": _read_config(path.parent / CONFIG_FILE)}
@@ -73,9 +78,30 @@ def _parse_record(line: str, where: str) -> dict:
     if not isinstance(kind, str):
         raise LmdistillError(f"{where}: expected a 'type' field ('train' or 'eval'), found {kind!r}.")
     step = record.get("step")
-    if kind in ("train", "eval") and (not isinstance(step, int) or isinstance(step, bool)):
+    if kind in ("train", "eval", *EVENT_TYPES) and (not isinstance(step, int) or isinstance(step, bool)):
         raise LmdistillError(f"{where}: expected an integer 'step' in a {kind} record, found {step!r}.")
     return record
+
+
+def health_notes(metrics: Metrics) -> list[str]:
+    """What a run's health records say, one sentence each: the step exported under --keep_best and why, early
+    stopping, warnings, and a teacher worse than the student at the last evaluation."""
+    notes, checks = [], set()
+    for e in metrics.get("events", []):
+        kind, text = e["type"], str(e.get("message", "")).rstrip(".")
+        if kind == "final":
+            notes.append(f"exported the model of step {e.get('exported_step')} ({text}).")
+        elif kind == "early_stop":
+            notes.append(f"{text}.")
+        elif kind == "health":
+            checks.add(e.get("check"))
+            notes.append(f"warning at step {e['step']} ({e.get('check')}): {text}.")
+    last = max(metrics["eval"], key=lambda r: r["step"], default={})
+    teacher, student = last.get("teacher_ce"), last.get("ce")
+    if "teacher_worse" not in checks and is_number(teacher) and is_number(student) and teacher > student:
+        notes.append(f"the teacher is worse than the student on the held-out data (teacher CE {teacher:.4f} > student "
+                     f"CE {student:.4f} at step {last['step']}): distilling from it will not help.")
+    return notes
 
 
 def _read_config(path: Path) -> dict:

@@ -18,6 +18,7 @@ from lmdistill.data.options import add_data_arguments
 from lmdistill.losses.divergences import ALIASES, DIVERGENCES
 from lmdistill.losses.engine import KDConfig
 from lmdistill.models.generation import BACKENDS as GENERATION_BACKENDS
+from lmdistill.train.health import metric_name
 
 LOSS = KDConfig()  # the loss options' defaults are the loss API's own
 POSITIVE, COUNT = int_at_least(1), int_at_least(0)
@@ -99,6 +100,17 @@ def _common(p: argparse.ArgumentParser, command: str) -> None:
     a("--eval_data", default=None, help="held-out data evaluated during training (CE, perplexity, KL to the teacher)")
     a("--eval_interval", type=COUNT, default=0, help="evaluate every N steps (0: only at the end)")
     a("--eval_batches", type=POSITIVE, default=50, help="at most this many eval batches each time")
+    a("--keep_best", nargs="?", const="ce", default=None, type=metric_name, metavar="METRIC",
+      help="with --eval_data and --eval_interval: export the model of the best evaluation by METRIC (default ce; "
+           "also ppl, bits_per_byte, kl_to_teacher, agreement) as the final model; the last stays in its "
+           "checkpoint-STEP/")
+    a("--early_stopping_patience", type=COUNT, default=0, metavar="K",
+      help="stop after K evaluations without improvement of --keep_best's metric (default ce); 0: never")
+    a("--early_stopping_min_delta", type=float_in(0), default=0.0,
+      help="early stopping: an improvement smaller than this does not count")
+    a("--strict_health", action="store_true",
+      help="a health warning (overfitting, collapse, KD plateau, exploding/vanishing gradients) stops the run "
+           "(checkpoint saved, exit status 1) instead of only warning")
     a("--report_to", default="none", choices=["none", "wandb", "tensorboard", "swanlab"],
       help="also log to this tracker (through accelerate)")
     a("--use_wandb", action="store_true", help="MiniMind: same as --report_to wandb")

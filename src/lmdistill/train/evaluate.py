@@ -3,8 +3,11 @@
     ce              mean cross-entropy (nats) of the model on trained tokens
     ppl             exp(ce)
     bits_per_byte   total CE in bits / UTF-8 bytes of the trained tokens' text: comparable across tokenizers
+    entropy         mean entropy (nats) of the model's next-token distribution: near zero = near-certain predictions
     kl_to_teacher   mean forward KL(teacher || model) at T=1 on the same positions (with a teacher)
     agreement       fraction of positions where model and teacher rank the same token first (with a teacher)
+    teacher_ce      the teacher's own CE on the same positions (with a teacher whose scores cover the vocabulary,
+                    not a top-k cache): above `ce`, the teacher is worse than the model on this data
 
 Logits are computed one token chunk at a time from the final hidden states, so evaluation has the same
 memory bound as training.
@@ -41,12 +44,17 @@ def _as_teacher(teacher, vocab_size: int | None):
     return teacher if teacher is None or isinstance(teacher, Teacher) else OnlineTeacher(teacher, vocab_size)
 
 
-def _teacher_stats(logq: torch.Tensor, scores, start: int, rows: torch.Tensor, vocab: int, suffix: str) -> dict:
-    """Forward KL(teacher || model) at T=1 and top-1 agreement on one chunk, for one teacher's scores."""
+def _teacher_stats(logq: torch.Tensor, scores, start: int, rows: torch.Tensor, vocab: int, suffix: str,
+                   targets: torch.Tensor | None = None) -> dict:
+    """Forward KL(teacher || model) at T=1 and top-1 agreement on one chunk, for one teacher's scores; with
+    `targets` ([rows] token ids) also the teacher's summed CE."""
     z = scores.block(start, rows, torch.empty(len(rows), vocab, device=logq.device))
     logp = torch.log_softmax(z, -1)
     kl = torch.where(logp > -torch.inf, logp.exp() * (logp - logq), 0.0).sum()
-    return {f"kl_sum{suffix}": kl.item(), f"agree{suffix}": (logp.argmax(-1) == logq.argmax(-1)).sum().item()}
+    stats = {f"kl_sum{suffix}": kl.item(), f"agree{suffix}": (logp.argmax(-1) == logq.argmax(-1)).sum().item()}
+    if targets is not None:
+        stats["teacher_ce_sum"] = -logp.gather(-1, targets[:, None]).sum().item()
+    return stats
 
 
 @torch.no_grad()
@@ -61,6 +69,7 @@ def evaluate_lm(model, examples: Sequence[dict], tokenizer, teacher=None, batch_
     head, teacher = lm_head_of(model), _as_teacher(teacher, vocab_size)
     vocab = teacher.vocab_size if teacher is not None else vocab_size or head.weight.shape[0]
     members = teacher.members() if teacher is not None and len(teacher.members()) > 1 else []
+    exact = teacher is not None and (teacher.k is None or teacher.k >= vocab)  # a top-k cache has no exact CE
     sums: dict[str, float] = {}
     n_tokens, used = 0, []
     for b, start in enumerate(range(0, len(examples), batch_size)):
@@ -78,9 +87,11 @@ def evaluate_lm(model, examples: Sequence[dict], tokenizer, teacher=None, batch_
         for s in range(0, len(positions), EVAL_CHUNK_TOKENS):
             rows = positions[s : s + EVAL_CHUNK_TOKENS]
             logq = torch.log_softmax(head.logits(h.index_select(0, rows)).float()[:, :vocab], -1)
-            stats = {"ce_sum": -logq.gather(-1, ys[rows][:, None]).sum().item()}
+            stats = {"ce_sum": -logq.gather(-1, ys[rows][:, None]).sum().item(),
+                     "entropy_sum": -torch.where(logq > -torch.inf, logq.exp() * logq, 0.0).sum().item()}
             for suffix, sc in scores:
-                stats.update(_teacher_stats(logq, sc, s, rows, vocab, suffix))
+                targets = ys[rows] if exact and not suffix else None  # the teacher's own CE: the combined one
+                stats.update(_teacher_stats(logq, sc, s, rows, vocab, suffix, targets))
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
         n_tokens += len(positions)
@@ -89,6 +100,9 @@ def evaluate_lm(model, examples: Sequence[dict], tokenizer, teacher=None, batch_
     ce = sums.get("ce_sum", 0.0)
     result = {"ce": ce / n, "ppl": math.exp(min(ce / n, 700.0)), "tokens": n_tokens}
     result["bits_per_byte"] = ce / math.log(2) / max(_text_bytes(tokenizer, used), 1)
+    result["entropy"] = sums.get("entropy_sum", 0.0) / n
+    if exact:
+        result["teacher_ce"] = sums.get("teacher_ce_sum", 0.0) / n
     for suffix in ([""] if teacher is not None else []) + [f"_{i + 1}" for i in range(len(members))]:
         result[f"kl_to_teacher{suffix}"] = sums.get(f"kl_sum{suffix}", 0.0) / n
         result[f"agreement{suffix}"] = sums.get(f"agree{suffix}", 0.0) / n

@@ -31,6 +31,7 @@ from accelerate.utils import DistributedType
 from lmdistill.errors import LmdistillError
 from lmdistill.data import shift_labels
 from lmdistill.train.evaluate import evaluate_lm
+from lmdistill.train.health import Health
 from lmdistill.losses import fused_cross_entropy_parts, fused_teacher_distillation_loss_parts
 from lmdistill.models import forward_hidden, lm_head_of
 from lmdistill.models.hidden import full_weights
@@ -112,6 +113,8 @@ class Trainer:
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.per_step = args.batch_size * args.accumulation_steps * self.world
         self.total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(self.examples) / self.per_step))
+        self.health = Health(args, self.total_steps, self.distilling, self.eval_teacher is not None)
+        self._saved_step = None
         params = [p for p in s.student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_iters, self.total_steps))
@@ -315,16 +318,21 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
     def training_state(self, rng_per_rank: list) -> dict:
         return {"step": self.global_step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank, "config": vars(self.args)}
+                "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank, "config": vars(self.args),
+                "health": self.health.state_dict()}
 
     def save_checkpoint(self) -> Path | None:
         from accelerate.utils import gather_object
 
-        path = None
+        path = self.out / f"checkpoint-{self.global_step}"
+        if self._saved_step == self.global_step:  # e.g. the best checkpoint, then the save interval's
+            return path
+        self._saved_step, path = self.global_step, None
         rng = gather_object([ckpt.rng_state()]) if self.world > 1 else [ckpt.rng_state()]  # every rank's sampling
         if self.acc.is_main_process:
             path = ckpt.save_checkpoint(self.out, self.global_step, self.acc.unwrap_model(self.model), self.tokenizer,
-                                        self.training_state(rng), self.args.keep_checkpoints)
+                                        self.training_state(rng), self.args.keep_checkpoints,
+                                        protect=self.health.protected(self.out))
         self.acc.wait_for_everyone()
         return path
 
@@ -336,6 +344,7 @@ class Trainer:
         per_rank = state.get("rng_per_rank") or []
         ckpt.set_rng_state(per_rank[self.rank] if len(per_rank) == self.world else state["rng"])
         self.global_step = state["step"]
+        self.health.load_state_dict(state.get("health"))
         if self.acc.is_main_process:
             _truncate_metrics(self.out / "metrics.jsonl", self.global_step)
             print(f"resumed from {folder} at step {self.global_step}")
@@ -356,13 +365,18 @@ class Trainer:
                             trackers=a.report_to != "none" or a.use_wandb)
         previous_handlers = self._install_signal_handlers()
         self.model.train()
+        self.health.log = log
         try:
-            while self.global_step < self.total_steps:
+            while self.global_step < self.total_steps and not self.health.stopped:  # stopped: early stopping
                 stats = self.step()
                 done = self.global_step
                 log.step(done, stats, log=done % max(a.log_interval, 1) == 0 or done in (1, self.total_steps))
+                self.health.on_step(self, stats)
                 if self._eval_due():
-                    log.eval(self.global_step, self.evaluate())
+                    result = self.evaluate()
+                    log.eval(self.global_step, result)
+                    if self.health.on_eval(self, result):
+                        break
                 if a.save_interval and done % a.save_interval == 0 and done < self.total_steps:
                     self.save_checkpoint()
                 _debug_hooks(self.global_step)
@@ -394,9 +408,11 @@ class Trainer:
         return result
 
     def finish(self) -> None:
-        """The final student as an HF folder (LoRA merged; adapter in adapter/) plus the last checkpoint."""
-        if self.args.save_interval:
+        """The final student as an HF folder (LoRA merged; adapter in adapter/) plus the last checkpoint; under
+        --keep_best the final student is the best checkpoint's and the last model stays in its checkpoint."""
+        if self.args.save_interval or self.health.keep_best:
             self.save_checkpoint()
+        self.health.export_best(self)
         if self.acc.is_main_process:
             model = self.acc.unwrap_model(self.model)
             tmp = self.out / f".final.tmp-{os.getpid()}"

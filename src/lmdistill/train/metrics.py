@@ -1,6 +1,6 @@
 """What a run shows and records: a progress bar on a terminal (a plain line per log interval elsewhere),
-`metrics.jsonl` with one JSON object per logged step or evaluation, and optional trackers (wandb,
-tensorboard, swanlab) through accelerate.
+`metrics.jsonl` with one JSON object per logged step or evaluation (plus the health module's events), and
+optional trackers (wandb, tensorboard, swanlab) through accelerate.
 
 The ETA (bar and lines alike) is `lmdistill.progress.Rate`'s: steps per second since the end of the run's first
 step, so the first step's warm-up does not inflate it; the first step's own line has no ETA (`ETA --`)."""
@@ -65,6 +65,16 @@ class MetricsLogger:
         self._write({"type": "eval", "step": step, **metrics})
         text = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         self.message(f"eval @ step {step}: {text}")
+
+    def event(self, kind: str, step: int, fields: dict, text: str | None = None) -> None:
+        """A record of another type (`health`, `best`, `early_stop`, `final`: `lmdistill.train.health`) in
+        metrics.jsonl, not sent to trackers, and its line in the log."""
+        if not self.is_main:
+            return
+        self.file.write(json.dumps({"type": kind, "step": step, **fields}) + "\n")
+        self.file.flush()
+        if text:
+            self.message(text)
 
     def message(self, text: str) -> None:
         if not self.is_main:

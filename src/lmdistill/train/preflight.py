@@ -23,13 +23,15 @@ from typing import Any
 from lmdistill.errors import LmdistillError
 from lmdistill.models.loading import check_device, check_model_ref
 from lmdistill.tokenizer import has_tokenizer, load_tokenizer, vocabulary_difference
+from lmdistill.train import health
 from lmdistill.train import state as ckpt
 
 # Options that never change what is trained: free to differ on --resume.
 RUN_ONLY = frozenset({
     "output_dir", "resume", "overwrite", "allow_config_change", "config", "command", "device", "log_interval",
     "save_interval", "keep_checkpoints", "eval_data", "eval_interval", "eval_batches", "report_to", "use_wandb",
-    "wandb_project", "num_workers", "ddp",
+    "wandb_project", "num_workers", "ddp", "keep_best", "early_stopping_patience", "early_stopping_min_delta",
+    "strict_health",
 })
 PATH_OPTIONS = ("data", "model", "student", "teacher", "tokenizer", "teacher_cache", "teacher_adapter")
 # What a run writes into --output_dir (deleted by --overwrite; nothing else there is touched).
@@ -55,6 +57,7 @@ def check(args: argparse.Namespace) -> Plan:
     if distill:
         _check_teacher_options(args)
     check_device(args.device)
+    health.check_options(args)
     _check_inputs(args, distill)
     tokenizer = _check_tokenizers(args, distill)
     _check_vocab_options(args, tokenizer, distill)

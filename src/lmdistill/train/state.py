@@ -91,8 +91,10 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def save_checkpoint(output_dir: Path, step: int, model, tokenizer, training_state: dict, keep: int) -> Path:
-    """Write `checkpoint-STEP/` atomically and delete all but the newest `keep` complete checkpoints."""
+def save_checkpoint(output_dir: Path, step: int, model, tokenizer, training_state: dict, keep: int,
+                    protect: list[Path] = ()) -> Path:
+    """Write `checkpoint-STEP/` atomically and delete all but the newest `keep` complete checkpoints and those in
+    `protect` (the best one under --keep_best)."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -105,7 +107,8 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, training_stat
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old not in protect:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
