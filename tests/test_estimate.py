@@ -57,7 +57,6 @@ def test_lora_trains_only_the_adapters():
     a, b = estimate(run, full, []), estimate(run, lora, [])
     assert b.optimizer == 8 * adapters < a.optimizer and b.gradients == 4 * adapters < a.gradients
     assert b.weights == a.weights + 4 * adapters
-    assert b.loss < a.loss  # the frozen lm_head needs no [V, H] weight gradient
 
 
 def _saved_bytes_per_token(model, tokens: torch.Tensor, autocast: bool = False) -> float:

@@ -26,7 +26,8 @@ loss's buffers are not alive at once, nor all activations with all gradients):
   live tensors under no_grad (3 I + 4 H per token). A --teacher_cache holds no weights: its rows of the batch on the
   device, and the whole cache in host memory (its files' size).
 - loss: the fused loss's fp32 [chunk, V] buffers (student logits, teacher logits; one more for an ensemble),
-  `auto_chunk_size` rows each, the lm_head weight gradient [V, H] fp32 and dh [n_trained, H] fp32.
+  `auto_chunk_size` rows each, and the hidden states' gradient [N, H] fp32 (the lm_head weight gradient it makes in
+  its forward is that weight's .grad, counted with the gradients).
 - CPU only (the peak is RSS): the process baseline CPU_BASELINE_BYTES and the tokenized data (sys.getsizeof).
 """
 
@@ -200,14 +201,15 @@ def teacher_bytes(teachers: list[TeacherShape], tokens: int, rows: int, half: bo
     return held + transient
 
 
-def loss_bytes(student: ModelShape, rows: int, n_teacher_buffers: int) -> tuple[int, int]:
-    """(bytes, chunk): the fused loss's fp32 [chunk, V] buffers, lm_head weight gradient and dh."""
+def loss_bytes(student: ModelShape, tokens: int, rows: int, n_teacher_buffers: int) -> tuple[int, int]:
+    """(bytes, chunk): the fused loss's fp32 [chunk, V] logit buffers and the hidden states' gradient [N, H] fp32,
+    both made in its forward. The lm_head weight's gradient it makes there too becomes that weight's .grad (counted
+    with the gradients)."""
     from lmdistill.losses import auto_chunk_size
 
     chunk = auto_chunk_size(student.vocab, rows, torch.float32)
     buffers = (1 + n_teacher_buffers) * chunk * student.vocab * 4 + chunk * student.hidden * 4
-    head_grad = 0 if student.lora_targets else student.vocab * student.hidden * 4
-    return buffers + head_grad + rows * student.hidden * 4, chunk
+    return buffers + tokens * student.hidden * 4, chunk
 
 
 def estimate(run: RunShape, student: ModelShape, teachers: list[TeacherShape], examples: int | None = None,
@@ -224,7 +226,7 @@ def estimate(run: RunShape, student: ModelShape, teachers: list[TeacherShape], e
     grads = grads * 2 if run.strategy == "ddp" else grads // (run.world if run.strategy in ("fsdp", "zero2") else 1)
     optimizer = trainable * 8 // (run.world if run.strategy in ("fsdp", "zero2") else 1)
     n_buffers = 0 if run.command == "train" else 1 + (len(teachers) > 1)
-    loss, chunk = loss_bytes(student, rows, n_buffers)
+    loss, chunk = loss_bytes(student, tokens, rows, n_buffers)
     host = {"baseline": CPU_BASELINE_BYTES, "data": data_bytes}
     if any(t.cache_bytes for t in teachers):
         host["teacher_cache"] = sum(t.cache_bytes for t in teachers)
@@ -480,7 +482,7 @@ def format_estimate(est: Estimate) -> str:
             ("optimizer state (AdamW: 2 x fp32 per trainable parameter)", est.optimizer),
             (f"activations (student, {r.batch_size} x {r.seq_len} tokens)", None),
             (teacher, est.teacher if est.teachers else None),
-            (f"loss ({est.buffers} x [{est.chunk}, {s.vocab}] fp32, lm_head grad, dh)", est.loss)]
+            (f"loss ({est.buffers} x [{est.chunk}, {s.vocab}] fp32 + hidden-state grad)", est.loss)]
     labels = {"baseline": "process baseline (python, torch, transformers: RSS)", "data": "tokenized data (Python "
               "lists)", "teacher_cache": "teacher cache files (held in RAM)"}
     rows += [(labels[k], v) for k, v in est.host.items() if cpu]
