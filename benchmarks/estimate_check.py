@@ -72,7 +72,7 @@ def check_run(run: dict, tokenizer, examples_by_len: dict) -> dict:
     total = est.total(False)
     own_student = len(run["student"].split()) > 1 or vocab != len(tokenizer)  # loaded from a saved folder
     resident = (sum(est.host.values()) + (0 if own_student else est.weights)) if shape.device == "cpu" else (
-        est.weights + teacher_model.params * (4 if dtype == "float32" else 2))
+        student.params * 4 + teacher_model.params * (4 if dtype == "float32" else 2))  # not autocast's copies
     step = total - resident
     measured, above = float(run["peak_mb"]), float(run["above_baseline_mb"])
     return {"pair": run["pair"], "device": device, "dtype": dtype, "batch": batch, "seq_len": seq_len,
