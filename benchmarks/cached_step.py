@@ -3,19 +3,22 @@ run reading `lmdistill cache-teacher` output (top-k rows), same student, data, o
 
     python benchmarks/cached_step.py                  # minimind2 -> minimind2-small, ~3 min -> results/cached_step_cpu.json
     python benchmarks/cached_step.py --pair micro->nano
+    python benchmarks/cached_step.py --device cuda    # bf16, CUDA events, GPU memory -> results/cached_step_cuda.json
 
 The cache is built once (its time is reported: it is one teacher forward per token, paid once for every later
 run); then each variant runs `--steps` optimizer steps in its own process and the median step time after one
 warmup step is kept. Both variants use top-k 64 so the loss is the same function (the online run truncates
-its teacher to the same k); forward KL at T=1, batch 8, fp32. Data: the first `--examples` packed blocks of
-tinyshakespeare with the MiniMind tokenizer (the benchmark skips when ../shared/data is absent).
+its teacher to the same k); forward KL at T=1, batch 8, fp32 on CPU, bf16 (lmdistill's `--dtype bfloat16`) by
+default on CUDA. Data: the first `--examples` packed blocks of tinyshakespeare with the MiniMind tokenizer (the
+benchmark skips when ../shared/data is absent). Step time: wall clock on CPU, CUDA events on a GPU; peak memory: the
+RSS high-water mark on CPU, torch.cuda.max_memory_allocated on a GPU, reset once the trainer is built.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import statistics
 import subprocess
 import sys
@@ -25,20 +28,21 @@ from pathlib import Path
 
 import torch
 
-from memory import peak_mb, reset_peak, rss_mb  # benchmarks/memory.py
+from device import DATA_DIR, Clock, Memory, add_device_options, machine_record, resolve, results_path
 
-DATA = Path("/work/shared/data/tinyshakespeare.txt")
-TOKENIZER = Path("/work/shared/data/minimind_tokenizer")
+DATA = DATA_DIR / "tinyshakespeare.txt"
+TOKENIZER = DATA_DIR / "minimind_tokenizer"
 PAIRS = {"minimind2->minimind2-small": ("minimind2", "minimind2-small", 128),
          "micro->nano": ("micro", "nano", 256)}
 TOP_K, BATCH = 64, 8
 
 
-def options(student: str, seq_len: int, data: Path, out: Path, teacher: dict, steps: int) -> dict:
+def options(student: str, seq_len: int, data: Path, out: Path, teacher: dict, steps: int, device: str,
+            dtype: str) -> dict:
     """`DistillConfig` fields of one run; `teacher` is {"teacher": [DIR]} or {"teacher_cache": [DIR]}."""
     return {**teacher, "student": student, "data": str(data), "output_dir": str(out), "max_steps": steps,
             "batch_size": BATCH, "max_seq_len": seq_len, "top_k": TOP_K, "alpha": 0.0, "temperature": 1.0,
-            "dtype": "float32", "device": "cpu", "seed": 0, "learning_rate": 1e-4}
+            "dtype": dtype, "device": device, "seed": 0, "learning_rate": 1e-4}
 
 
 def worker(args_json: str) -> dict:
@@ -47,18 +51,20 @@ def worker(args_json: str) -> dict:
     from lmdistill.train.loop import Trainer
 
     cfg = json.loads(args_json)
+    device = cfg["options"]["device"]
     trainer = Trainer(to_args(DistillConfig(**cfg["options"])))
-    reset_peak()
-    base = rss_mb()
+    clock, memory = Clock(device), Memory(device)
+    base, _ = memory.reset()
     times, tokens = [], []
     for step in range(cfg["steps"]):
-        t0 = time.perf_counter()
+        clock.start()
         stats = trainer.step()
-        times.append(time.perf_counter() - t0)
+        times.append(clock.stop())
         tokens.append(stats["tokens"])
+    peak = memory.peak()
     return {"step_seconds": times, "median_step_seconds": statistics.median(times[1:]),
             "tokens_per_sec": statistics.median(t / s for t, s in zip(tokens[1:], times[1:])),
-            "first_step_kd_loss": None, "peak_mb": peak_mb(), "above_baseline_mb": peak_mb() - base}
+            "first_step_kd_loss": None, "peak_mb": peak, "above_baseline_mb": peak - base}
 
 
 def run_worker(options_: dict, steps: int) -> dict:
@@ -75,8 +81,10 @@ def main() -> None:
     p.add_argument("--pair", default="minimind2->minimind2-small", choices=list(PAIRS))
     p.add_argument("--examples", type=int, default=96)
     p.add_argument("--steps", type=int, default=6)
+    add_device_options(p)
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    dtype = resolve(p, a.device, a.dtype)
     if a.worker:
         print(json.dumps(worker(a.worker)))
         return
@@ -103,16 +111,17 @@ def main() -> None:
         tok.save_pretrained(teacher_dir)
         t0 = time.perf_counter()
         cache_teacher(CacheTeacherConfig(teacher=str(teacher_dir), data=str(data), output_dir=str(tmp / "cache"),
-                                         max_seq_len=seq_len, top_k=TOP_K, device="cpu"))
+                                         max_seq_len=seq_len, top_k=TOP_K, device=a.device))
         cache_seconds = time.perf_counter() - t0
         cache_mb = sum(f.stat().st_size for f in (tmp / "cache").iterdir() if f.is_file()) / 2**20
         runs = {}
         for name, teacher in (("online teacher", {"teacher": [str(teacher_dir)]}),
                               ("teacher cache", {"teacher_cache": [str(tmp / "cache")]})):
-            runs[name] = run_worker(options(student, seq_len, data, tmp / name.replace(" ", "_"), teacher, a.steps),
-                                    a.steps)
+            run_options = options(student, seq_len, data, tmp / name.replace(" ", "_"), teacher, a.steps, a.device,
+                                  dtype)
+            runs[name] = run_worker(run_options, a.steps)
             r = runs[name]
-            print(f"  {name:15s} {r['tokens_per_sec']:8.0f} tok/s  step {r['median_step_seconds']:.2f} s  "
+            print(f"  {name:15s} {r['tokens_per_sec']:8.0f} tok/s  step {r['median_step_seconds']:.3f} s  "
                   f"peak {r['peak_mb']:.0f} MiB", flush=True)
     on, ca = runs["online teacher"], runs["teacher cache"]
     summary = {"pair": a.pair, "examples": n_ex, "top_k": TOP_K, "cache_build_seconds": cache_seconds,
@@ -120,12 +129,12 @@ def main() -> None:
                "peak_ratio": ca["peak_mb"] / on["peak_mb"]}
     print(f"\n| {a.pair} | tokens/s | step s | peak MiB |\n|---|---|---|---|")
     for name, r in runs.items():
-        print(f"| {name} | {r['tokens_per_sec']:.0f} | {r['median_step_seconds']:.2f} | {r['peak_mb']:.0f} |")
+        print(f"| {name} | {r['tokens_per_sec']:.0f} | {r['median_step_seconds']:.3f} | {r['peak_mb']:.0f} |")
     print(f"\ncache: {n_ex} examples built in {cache_seconds:.1f} s ({cache_mb:.1f} MiB); cached step "
           f"{summary['speedup_tokens_per_sec']:.2f}x the online tokens/s at {summary['peak_ratio']:.2f}x its peak")
-    out = Path(a.out or Path(__file__).parent / "results" / "cached_step_cpu.json")
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "load_average": list(__import__("os").getloadavg())}
+    out = results_path("cached_step", a.device, out=a.out)
+    machine = {**machine_record(a.device, dtype), "threads": torch.get_num_threads(),
+               "load_average": list(os.getloadavg())}
     out.write_text(json.dumps({"machine": machine, "runs": runs, "summary": summary}, indent=2))
     print(f"saved {out}")
 

@@ -1,37 +1,39 @@
 """Generation speed: lmdistill's lean decode loop (`lmdistill.models.decode`) against `transformers`' `generate`,
 the two backends of `lmdistill.models.generation.generate_replies`, on the same models and prompts.
 
-    python benchmarks/generation.py            # writes benchmarks/results/generation_<device>.json
+    python benchmarks/generation.py                 # CPU, fp32 -> benchmarks/results/generation_cpu.json
+    python benchmarks/generation.py --device cuda   # bf16, CUDA events, peak GPU memory -> results/generation_cuda.json
 
 Batch 8 left-padded prompts (8 to 24 tokens), 64 new tokens with no stop token (so both do the same number of
-steps), greedy and sampled (temperature 1, without and with top-p 0.95), fp32, the presets `nano` and `micro` built with the
-MiniMind tokenizer (6,400 tokens). Each measurement is the median of 5 calls after one warm-up, the backends
-alternating. Greedy outputs are checked equal token for token.
+steps), greedy and sampled (temperature 1, without and with top-p 0.95), fp32 on CPU and bf16 weights by default on
+CUDA (`--dtype`), the presets `nano` and `micro` built with the MiniMind tokenizer (6,400 tokens). Each measurement is
+the median of 5 calls after one warm-up, the backends alternating; wall clock on CPU, CUDA events on a GPU, where each
+row also holds the peak allocated memory of each backend's calls (torch.cuda.max_memory_allocated after
+reset_peak_memory_stats). Greedy outputs are checked equal token for token.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import time
-from pathlib import Path
 
 import torch
 
-TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "minimind_tokenizer"
+from device import DATA_DIR, Clock, Memory, add_device_options, is_cuda, machine_record, resolve, results_path
+
+TOKENIZER = DATA_DIR / "minimind_tokenizer"
 
 
-def measure(model, tok, prompts, backend: str, temperature: float, top_p: float) -> tuple[float, list]:
+def measure(model, tok, prompts, backend: str, temperature: float, top_p: float, clock: Clock) -> tuple[float, list]:
     from lmdistill.models.generation import generate_replies
 
     stops = [-1]  # no stop: every call runs all 64 steps
-    t0 = time.perf_counter()
+    clock.start()
     replies = generate_replies(model, tok, prompts, max_new_tokens=64, batch_size=len(prompts), eos_token_ids=stops,
                                temperature=temperature, top_p=top_p, backend=backend,
                                progress=False)
-    return time.perf_counter() - t0, replies
+    return clock.stop(), replies
 
 
 def main() -> None:
@@ -40,9 +42,12 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_device_options(p)
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    dtype = resolve(p, a.device, a.dtype)
     torch.set_num_threads(a.threads)
+    clock, memory = Clock(a.device), Memory(a.device)
     if not TOKENIZER.is_dir():
         print(f"skipped: {TOKENIZER} not present")
         return
@@ -51,15 +56,19 @@ def main() -> None:
     rows = []
     for preset in ("nano", "micro"):
         torch.manual_seed(0)
-        model = load_model(preset, tokenizer=tok, verbose=False).eval()
+        where = a.device if is_cuda(a.device) else None  # on CPU built exactly as before
+        model = load_model(preset, tokenizer=tok, dtype=dtype if is_cuda(a.device) else None, device=where,
+                           verbose=False).eval()
         for temperature, top_p in ((0.0, 1.0), (1.0, 1.0), (1.0, 0.95)):
-            times = {"lean": [], "hf": []}
+            times, peaks = {"lean": [], "hf": []}, {"lean": [], "hf": []}
             for backend in ("lean", "hf"):
-                measure(model, tok, prompts, backend, temperature, top_p)  # warm-up
+                measure(model, tok, prompts, backend, temperature, top_p, clock)  # warm-up
             for _ in range(5):
                 for backend in ("lean", "hf"):
-                    seconds, replies = measure(model, tok, prompts, backend, temperature, top_p)
+                    memory.reset()
+                    seconds, replies = measure(model, tok, prompts, backend, temperature, top_p, clock)
                     times[backend].append(seconds)
+                    peaks[backend].append(memory.peak())
                     if temperature == 0.0:
                         times.setdefault(f"{backend}_replies", replies)
             same = times.pop("lean_replies", None) == times.pop("hf_replies", None) if temperature == 0.0 else None
@@ -69,13 +78,15 @@ def main() -> None:
                          "lean_seconds": lean, "hf_seconds": hf, "tokens_per_sec_lean": 8 * 64 / lean,
                          "tokens_per_sec_hf": 8 * 64 / hf, "speedup": hf / lean, "greedy_equal": same,
                          "all_lean_seconds": times["lean"], "all_hf_seconds": times["hf"]})
+            if is_cuda(a.device):  # a CPU process's RSS peak would not tell the two backends apart
+                rows[-1].update(peak_mb_lean=max(peaks["lean"]), peak_mb_hf=max(peaks["hf"]))
     print("| model | sampling | lean tokens/s | generate tokens/s | lean vs generate | greedy equal |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['sampling']} | {r['tokens_per_sec_lean']:.0f} | {r['tokens_per_sec_hf']:.0f} | "
               f"{r['speedup']:.2f}x | {r['greedy_equal'] if r['greedy_equal'] is not None else '-'} |")
-    out = Path(a.out or Path(__file__).parent / "results" / "generation_cpu.json")
-    machine = {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    out = results_path("generation", a.device, out=a.out)
+    machine = {**machine_record(a.device, dtype), "threads": torch.get_num_threads()}
     out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     print(f"saved {out}")
 
