@@ -284,3 +284,40 @@ def test_the_loop_accumulates_the_lm_head_gradient_in_place(tiny_teacher_dir, ti
         counts.append(mode.count)
     # first: the loss's weight gradient + the embedding's; later: the embedding's only (the loss adds into .grad)
     assert counts[0] == counts[1] + 1 and counts[1] == counts[2]
+
+
+# -- CUDA's low-precision GEMMs (tensor cores, fp32 out), emulated on CPU -------------------------------------------
+def test_low_precision_matmul_operands_keep_fp32_logits_and_round_only_the_operands(monkeypatch):
+    """On CUDA under autocast or with bf16 weights, the loss's GEMMs take bf16 operands with fp32 accumulation and
+    output (`matmul_dtype`). Emulated here: the loss value equals the fp32 loss of bf16-rounded inputs (the products
+    are exact), and gradients differ from fp32 ones only by the bf16 rounding of the logit gradient."""
+    from lmdistill.losses import functional
+
+    monkeypatch.setattr(functional, "matmul_dtype", lambda device, weight: torch.bfloat16)
+    hs, ht, W, Wt, labels = _inputs(batches=2)
+    hs, ht, Wt = hs.float(), ht.float(), Wt.float()
+    W = W.detach().float().requires_grad_(True)
+    r = lambda x: x.bfloat16().double()  # noqa: E731  (what the GEMM sees)
+    Wr = r(W.detach()).requires_grad_(True)
+    ref = distillation_loss(r(hs[0]) @ Wr.T, r(ht[0]) @ r(Wt).T, labels[0], **OPTIONS)
+    ref.backward()
+    loss = fused_distillation_loss(hs[0], W, ht[0], Wt, labels[0], chunk_size=4, **OPTIONS)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(W.grad.double(), Wr.grad, rtol=2e-2, atol=2e-2 * float(Wr.grad.abs().max()))
+    # later micro-batches in place, with a loss scale (the tiled add path)
+    first = W.grad.clone()
+    loss2 = fused_distillation_loss(hs[1], W, ht[1], Wt, labels[1], chunk_size=4, loss_scale=0.5, **OPTIONS)
+    loss2.backward()
+    Wr.grad = None
+    (distillation_loss(r(hs[1]) @ Wr.T, r(ht[1]) @ r(Wt).T, labels[1], **OPTIONS) * 0.5).backward()
+    torch.testing.assert_close((W.grad - first).double(), Wr.grad, rtol=2e-2, atol=2e-2 * float(Wr.grad.abs().max()))
+
+
+def test_matmul_dtype_is_fp32_on_cpu_and_follows_autocast_or_weights_on_cuda():
+    from lmdistill.losses.functional import matmul_dtype
+
+    W32, W16 = torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.bfloat16)
+    assert matmul_dtype(torch.device("cpu"), W16) is None and matmul_dtype(torch.device("cpu"), W32) is None
+    assert matmul_dtype(torch.device("cuda"), W16) == torch.bfloat16
+    assert matmul_dtype(torch.device("cuda"), W32) is None

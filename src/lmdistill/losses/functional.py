@@ -118,14 +118,52 @@ class _LogitsKD(torch.autograd.Function):
         return full, None, None, None, None, None
 
 
-def project_logits(h: Tensor, W: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def matmul_dtype(device: torch.device, weight: Tensor) -> torch.dtype | None:
+    """The dtype of the loss's matmul operands. On CUDA: the autocast dtype when autocast is on (what the model's own
+    lm_head would use), else a low-precision weight's own dtype -- tensor-core GEMMs with fp32 accumulation and fp32
+    output, so the logits are fp32 as everywhere else. None (fp32 operands) on CPU and for fp32 models without
+    autocast: there the loss is exact in fp32."""
+    if device.type != "cuda":
+        return None
+    if torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return weight.dtype if weight.dtype in LOW_PRECISION else None
+
+
+def _mm_f32(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """a @ b for low-precision operands, accumulated and returned in fp32: cuBLAS's mixed-precision GEMM on CUDA
+    (`out_dtype`); elsewhere (tests, or a torch without it) the same products in fp32, which is exact for
+    bf16/fp16 operands (their products fit fp32) and differs only in summation order."""
+    if a.device.type == "cuda":
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32, **({} if out is None else {"out": out}))
+        except (RuntimeError, TypeError):  # no mixed-precision GEMM in this build: upcast (slower, same products)
+            pass
+    return torch.mm(a.float(), b.float(), **({} if out is None else {"out": out}))
+
+
+def project_logits(h: Tensor, W: Tensor, b: Tensor | None, out: Tensor, mm_dtype: torch.dtype | None = None,
+                   h_mm: Tensor | None = None) -> Tensor:
     """out [C, V] = h @ W.T + b in out's dtype; low-precision weights are upcast tile by tile.
 
     On CPU, for large weights (Qwen's lm_head), the product is taken as W_tile @ h.T per vocabulary tile of
     CPU_TILE_BYTES written straight into the transposed view of out's columns (MKL takes the column-major
     output as is): that operand order runs ~25% faster than h @ W.T when C is a few hundred tokens, which is
-    what token chunks are (benchmarks/loss_engine.py). Small weights gain nothing and take one matmul."""
+    what token chunks are (benchmarks/loss_engine.py). Small weights gain nothing and take one matmul.
+    `mm_dtype` (CUDA, `matmul_dtype`): the operands go to the GEMM in that dtype (h_mm: h already cast), fp32 out."""
     dt = out.dtype
+    if mm_dtype is not None:
+        h_mm = h.to(mm_dtype) if h_mm is None else h_mm
+        if W.dtype == mm_dtype:
+            _mm_f32(h_mm, W.t(), out=out)
+        else:
+            tile = max(1, WEIGHT_TILE_BYTES // (W.shape[1] * out.element_size()))
+            for s in range(0, W.shape[0], tile):
+                out[:, s : s + tile] = _mm_f32(h_mm, W[s : s + tile].to(mm_dtype).t())
+        return out if b is None else out.add_(b.to(dt))
     transposed = out.device.type == "cpu" and W.numel() * out.element_size() > WEIGHT_TILE_BYTES
     if W.dtype == dt and not transposed:
         torch.mm(h, W.t(), out=out)
@@ -145,12 +183,39 @@ def project_logits(h: Tensor, W: Tensor, b: Tensor | None, out: Tensor) -> Tenso
     return out
 
 
-def _project_back(g: Tensor, W: Tensor) -> Tensor:
-    """g [C, V] @ W [V, H] in g's dtype; low-precision weights are upcast tile by tile."""
+def _project_back(g: Tensor, W: Tensor, g_mm: Tensor | None = None) -> Tensor:
+    """g [C, V] @ W [V, H] in g's dtype; low-precision weights are upcast tile by tile. With `g_mm` (g cast to the
+    matmul dtype, CUDA) the GEMM takes low-precision operands and returns fp32."""
+    tile = max(1, WEIGHT_TILE_BYTES // (W.shape[1] * g.element_size()))
+    if g_mm is not None:
+        if W.dtype == g_mm.dtype:
+            return _mm_f32(g_mm, W)
+        return sum(_mm_f32(g_mm[:, s : s + tile], W[s : s + tile].to(g_mm.dtype)) for s in range(0, W.shape[0], tile))
     if W.dtype == g.dtype:
         return g @ W
-    tile = max(1, WEIGHT_TILE_BYTES // (W.shape[1] * g.element_size()))
     return sum(g[:, s : s + tile] @ W[s : s + tile].to(g.dtype) for s in range(0, W.shape[0], tile))
+
+
+def _add_weight_grad_(dW: Tensor, g: Tensor, h: Tensor, first: bool, alpha: float, g_mm: Tensor | None,
+                      h_mm: Tensor | None) -> None:
+    """dW [V, H] (+)= alpha * g.T @ h for one chunk; `first`: dW holds nothing yet (set, not add). With g_mm/h_mm
+    (CUDA, low-precision operands) the products come from fp32-output GEMMs, per vocabulary tile when adding."""
+    if g_mm is None:
+        if first:
+            torch.mm(g.t(), h, out=dW)
+        else:
+            dW.addmm_(g.t(), h, alpha=alpha)
+        return
+    if first and alpha == 1.0:
+        _mm_f32(g_mm.t(), h_mm, out=dW)
+        return
+    tile = max(1, WEIGHT_TILE_BYTES // (dW.shape[1] * dW.element_size()))
+    for s in range(0, dW.shape[0], tile):
+        part = _mm_f32(g_mm[:, s : s + tile].t(), h_mm)
+        if first:
+            dW[s : s + tile] = part.mul_(alpha)
+        else:
+            dW[s : s + tile].add_(part, alpha=alpha)
 
 
 def auto_chunk_size(vocab: int, n_rows: int, dtype: torch.dtype = torch.float32, buffers: int = 2) -> int:
@@ -162,41 +227,6 @@ def auto_chunk_size(vocab: int, n_rows: int, dtype: torch.dtype = torch.float32,
     n = max(n_rows, 1)
     largest = max(1, min(n, MAX_CHUNK_TOKENS, DEFAULT_CHUNK_BUDGET_BYTES // per_row))
     return -(-n // -(-n // largest))
-
-
-HUGE_PAGE = 1 << 21
-HUGE_PAGE_MIN_BYTES = 16 * 2**20
-
-
-def _madvise():
-    """libc's madvise on Linux, else None."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return libc.madvise
-    except (OSError, AttributeError):
-        return None
-
-
-_MADVISE = _madvise() if __import__("sys").platform.startswith("linux") else None
-MADV_HUGEPAGE = 14
-
-
-def empty_buffer(shape, dtype: torch.dtype, device) -> Tensor:
-    """torch.empty for the loss's large CPU buffers (logit chunks, the weight gradient), asking Linux for transparent
-    huge pages before the first write: a fresh 150-550 MB buffer then takes ~2.5x less time to fault in (2 MB pages
-    instead of 4 KB; measured on the project's machine, where THP is in madvise mode). Advisory only: anywhere else,
-    or if the kernel declines, it is a plain torch.empty."""
-    x = torch.empty(shape, dtype=dtype, device=device)
-    size = x.numel() * x.element_size()
-    if _MADVISE is not None and x.device.type == "cpu" and size >= HUGE_PAGE_MIN_BYTES:
-        start = (x.data_ptr() + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
-        end = (x.data_ptr() + size) & ~(HUGE_PAGE - 1)
-        if end > start:
-            _MADVISE(start, end - start, MADV_HUGEPAGE)
-    return x
 
 
 def _apply_head_(z: Tensor, head: tuple[float, float | None], keep: Tensor | None) -> Tensor:
@@ -225,14 +255,15 @@ NO_HEAD = (1.0, None)
 
 
 def _fused_chunks(hs2, Ws, bs, teacher, lab, rows, cfg, chunk, need, want_ce, row_weights=(None, None),
-                  head=NO_HEAD, dh_out=None, dW_into=None, dW_alpha=1.0, grad_scale=1.0) -> tuple:
+                  head=NO_HEAD, dh_out=None, dW_into=None, dW_alpha=1.0, grad_scale=1.0, mm_dtype=None) -> tuple:
     """Walk trained rows in token chunks: loss sums and gradients (dh, dW, db) in the compute dtype.
     `teacher(start, r, out)` writes the teacher logits of trained rows [start, start + len(r)) (positions r)
     into out [len(r), V]; None = CE only. `row_weights`: optional per-row (kd, ce) weights [n] (`loss_chunk_`).
     `head`: the student's (logit scale, softcap). `dh_out` [N, H]: when given, each chunk's hidden-state gradient
     goes straight into its rows (no [n, H] buffer). `dW_into` [V, H]: an existing buffer (the weight's .grad) that
     the weight gradient times `dW_alpha` is added into, chunk by chunk, instead of a new [V, H] buffer.
-    `grad_scale` multiplies every gradient (a caller's loss scale, folded into the logit gradients: no extra pass)."""
+    `grad_scale` multiplies every gradient (a caller's loss scale, folded into the logit gradients: no extra pass).
+    `mm_dtype` (`matmul_dtype`): the student's matmul operand dtype on CUDA (None: fp32)."""
     dt, n, dev = compute_dtype(hs2.dtype), len(rows), hs2.device
     weight = _weight(cfg, n)
     # dh rows are each written once and dW is set by the first chunk: no zero-filling pass over them.
@@ -241,9 +272,9 @@ def _fused_chunks(hs2, Ws, bs, teacher, lab, rows, cfg, chunk, need, want_ce, ro
         dh = dh_out if dh_out is not None else torch.empty(n, hs2.shape[1], dtype=dt, device=dev)
     dW = dW_into
     if dW is None and need[1]:
-        dW = empty_buffer(Ws.shape, dt, dev) if n else torch.zeros(Ws.shape, dtype=dt, device=dev)
+        dW = (torch.empty if n else torch.zeros)(Ws.shape, dtype=dt, device=dev)
     db = torch.zeros(bs.shape, dtype=dt, device=dev) if need[2] else None
-    buffer = lambda: empty_buffer((min(chunk, n), Ws.shape[0]), dt, dev)  # noqa: E731
+    buffer = lambda: torch.empty(min(chunk, n), Ws.shape[0], dtype=dt, device=dev)  # noqa: E731
     zs_buf = buffer()
     zt_buf = None if teacher is None else buffer()
     kept_buf = buffer() if head[1] else None
@@ -251,21 +282,21 @@ def _fused_chunks(hs2, Ws, bs, teacher, lab, rows, cfg, chunk, need, want_ce, ro
     for start in range(0, n, chunk):
         r = rows[start : start + chunk]
         h = hs2.index_select(0, r).to(dt)
+        h_mm = None if mm_dtype is None else hs2.index_select(0, r).to(mm_dtype)
         kept = None if kept_buf is None else kept_buf[: len(r)]
-        zs = _apply_head_(project_logits(h, Ws, bs, zs_buf[: len(r)]), head, kept)
+        zs = _apply_head_(project_logits(h, Ws, bs, zs_buf[: len(r)], mm_dtype, h_mm), head, kept)
         zt = None if teacher is None else teacher(start, r, zt_buf[: len(r)])
         kd_w, ce_w = (None if w is None else w[start : start + chunk].to(dt) for w in row_weights)
         kd_c, ce_c = loss_chunk_(zs, zt, lab[r], cfg, weight * grad_scale, want_ce, kd_w, ce_w)  # zs: d loss / d z
         zs = _head_backward_(zs, head, kept)
         kd, ce = kd + kd_c, ce + ce_c
+        g_mm = None if mm_dtype is None else zs.to(mm_dtype)
         if dh is not None and dh_out is not None:
-            dh.index_copy_(0, r, _project_back(zs, Ws).to(dh.dtype))
+            dh.index_copy_(0, r, _project_back(zs, Ws, g_mm).to(dh.dtype))
         elif dh is not None:
-            dh[start : start + chunk] = _project_back(zs, Ws)
-        if dW is not None and (dW_into is not None or start > 0):
-            dW.addmm_(zs.t(), h, alpha=dW_alpha)
-        elif dW is not None:
-            torch.mm(zs.t(), h, out=dW)
+            dh[start : start + chunk] = _project_back(zs, Ws, g_mm)
+        if dW is not None:
+            _add_weight_grad_(dW, zs, h, dW_into is None and start == 0, dW_alpha, g_mm, h_mm)
         if db is not None:
             db += zs.sum(0)
     return kd, ce, weight, dh, dW, db
@@ -313,9 +344,10 @@ class _FusedKD(torch.autograd.Function):
         full_dh = None
         if need[0] and hs.dtype == dt:  # fp32 hidden states: chunk gradients go straight into their rows
             full_dh = hs.new_zeros(hs2.shape)
+        mm = matmul_dtype(hs.device, Ws)  # CUDA: tensor-core GEMMs under autocast or for bf16/fp16 weights
         with torch.autocast(hs.device.type, enabled=False):  # chunk arithmetic is fp32 even under AMP
             kd, ce, weight, dh, dW, db = _fused_chunks(hs2, cut(Ws), cut(bs), teacher, lab, rows, cfg, chunk, need,
-                                                       want_ce, row_weights, head, full_dh, into, 1.0, scale)
+                                                       want_ce, row_weights, head, full_dh, into, 1.0, scale, mm)
         full_dW = full_db = None
         if dh is not None and full_dh is None:
             full_dh = hs.new_zeros(hs2.shape).index_copy_(0, rows, dh.to(hs.dtype))
@@ -333,7 +365,7 @@ class _FusedKD(torch.autograd.Function):
         if ctx.into:  # what backward needs to recompute the weight gradient if its incoming gradient is not 1
             ctx.weight, ctx.grad_buffer, ctx.consumed = Ws, Ws.grad, False
             setattr(Ws.grad, _PENDING, True)
-            ctx.recompute = (cut(bs), teacher, lab, rows, cfg, chunk, want_ce, row_weights, head, V)
+            ctx.recompute = (cut(bs), teacher, lab, rows, cfg, chunk, want_ce, row_weights, head, V, mm)
             ctx.save_for_backward(*(g for g in grads if g is not None), hs2, cut(Ws))
         else:
             ctx.save_for_backward(*(g for g in grads if g is not None))
@@ -357,12 +389,12 @@ def _weight_grad_in_place(ctx, incoming: float, hs2: Tensor, Ws_v: Tensor) -> Te
     that .grad itself (autograd adopts it back, so no second [V, H] buffer), corrected by recomputing the weight
     gradient when backward's incoming gradient is not 1 (or on a second backward through the same graph)."""
     W, s = ctx.weight, ctx.loss_scale
-    bs, teacher, lab, rows, cfg, chunk, want_ce, row_weights, head, V = ctx.recompute
+    bs, teacher, lab, rows, cfg, chunk, want_ce, row_weights, head, V, mm = ctx.recompute
 
     def add_recomputed(buf: Tensor, alpha: float) -> None:
         with torch.autocast(hs2.device.type, enabled=False):
             _fused_chunks(hs2, Ws_v, bs, teacher, lab, rows, cfg, chunk, (False, True, False), want_ce, row_weights,
-                          head, None, buf[:V], alpha, s)
+                          head, None, buf[:V], alpha, s, mm)
 
     if ctx.consumed:  # retain_graph: a second backward gets a fresh gradient
         buf = torch.zeros_like(W)

@@ -44,7 +44,9 @@ class ProjectedScores(TeacherScores):
         self.vocab_size, self.head = vocab_size, head
 
     def block(self, start: int, rows: Tensor, out: Tensor) -> Tensor:
-        from lmdistill.losses.functional import _apply_head_, project_logits  # one module up; imports this one
+        from lmdistill.losses.functional import _apply_head_, matmul_dtype, project_logits  # imports this module
 
-        z = project_logits(self.hidden.index_select(0, rows).to(out.dtype), self.weight, self.bias, out)
+        h = self.hidden.index_select(0, rows)
+        mm = matmul_dtype(out.device, self.weight)  # a bf16 teacher on CUDA: tensor cores, exact products, fp32 out
+        z = project_logits(h.to(out.dtype), self.weight, self.bias, out, mm, None if mm is None else h.to(mm))
         return _apply_head_(z, self.head, None)
