@@ -220,7 +220,10 @@ with open("/proc/self/clear_refs", "w") as f:
 base = rss()
 for _ in range(3):
     trainer.step()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, which clear_refs reset; not ru_maxrss, which also keeps the high-water mark of before the reset once any
+# thread of the process has exited (the kernel folds the mm's peak into the process's record at a thread's exit)
+with open("/proc/self/status") as f:
+    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 est = build_estimate(args, trainer.tokenizer, _examples(args, trainer.tokenizer))
 # resident before the reset: the process, the data and the preset student; the teacher's safetensors are mapped
 # and read in during the first step

@@ -337,3 +337,26 @@ def test_metric_directions_and_divergence_bounds():
     args.divergence = "forward_kl"
     assert health.kd_bound(args) is None
     assert health.metric_name(True) == "ce" and health.metric_name(" agreement ") == "agreement"
+
+
+def test_keep_best_and_early_stopping_agree_across_two_ranks(tiny_tokenizer_dir, handful, tmp_path):
+    """Under torchrun (2 CPU ranks, DDP on gloo) every rank takes the same decisions from the broadcast eval: the run
+    stops early at the same step, finishes (no rank left waiting), and exports the best checkpoint's weights."""
+    import subprocess
+    import sys
+
+    from runs import free_port
+
+    out = tmp_path / "run"
+    argv = _overfit_argv(tiny_tokenizer_dir, handful, out, "--device", "cpu")
+    argv[argv.index("--batch_size") + 1] = 2  # 2 ranks x 2 = the single-process run's 4
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "lmdistill", "train", *map(str, argv)]
+    proc = subprocess.run(cmd, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best_step = _records(out, "best")[-1]["step"]
+    (stop,) = _records(out, "early_stop")
+    (final,) = _records(out, "final")
+    assert stop["best_step"] == best_step and final["exported_step"] == best_step
+    assert _same_weights(_weights(out), _weights(out / f"checkpoint-{best_step}"))
