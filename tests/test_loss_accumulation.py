@@ -321,3 +321,18 @@ def test_matmul_dtype_is_fp32_on_cpu_and_follows_autocast_or_weights_on_cuda():
     assert matmul_dtype(torch.device("cpu"), W16) is None and matmul_dtype(torch.device("cpu"), W32) is None
     assert matmul_dtype(torch.device("cuda"), W16) == torch.bfloat16
     assert matmul_dtype(torch.device("cuda"), W32) is None
+
+
+def test_chunk_budget_on_cuda_follows_free_memory_and_cpu_keeps_its_default():
+    from lmdistill.losses.functional import (DEFAULT_CHUNK_BUDGET_BYTES, MAX_CHUNK_BUDGET_BYTES, MAX_CHUNK_TOKENS,
+                                             MAX_CHUNK_TOKENS_CUDA, auto_chunk_size, chunk_budget)
+
+    GiB, V = 2**30, 151_936
+    assert chunk_budget("cpu") == chunk_budget(None) == (DEFAULT_CHUNK_BUDGET_BYTES, MAX_CHUNK_TOKENS)
+    assert chunk_budget("cuda", free_bytes=130 * GiB) == (MAX_CHUNK_BUDGET_BYTES, MAX_CHUNK_TOKENS_CUDA)  # an H200
+    assert chunk_budget("cuda", free_bytes=16 * GiB)[0] == GiB  # 1/16 of what is free
+    assert chunk_budget("cuda", free_bytes=2 * GiB)[0] == DEFAULT_CHUNK_BUDGET_BYTES  # never below the CPU default...
+    assert chunk_budget("cuda", free_bytes=400 * 2**20)[0] == 100 * 2**20  # ...unless that is more than a quarter
+    cpu, big = auto_chunk_size(V, 8192), auto_chunk_size(V, 8192, device="cuda", free_bytes=130 * GiB)
+    assert cpu == 256 and big == 2731 and 2 * V * 4 * big <= MAX_CHUNK_BUDGET_BYTES  # 3 chunks of 2,731 rows, 3.1 GiB
+    assert auto_chunk_size(V, 8192, device="cuda", free_bytes=2 * GiB) * 2 * V * 4 <= DEFAULT_CHUNK_BUDGET_BYTES

@@ -218,14 +218,37 @@ def _add_weight_grad_(dW: Tensor, g: Tensor, h: Tensor, first: bool, alpha: floa
             dW[s : s + tile].add_(part, alpha=alpha)
 
 
-def auto_chunk_size(vocab: int, n_rows: int, dtype: torch.dtype = torch.float32, buffers: int = 2) -> int:
+# On CUDA (chunk_size=None) the logit buffers may take this share of the device's free memory, within
+# [min(DEFAULT_CHUNK_BUDGET_BYTES, free / 4), MAX_CHUNK_BUDGET_BYTES], and chunks up to MAX_CHUNK_TOKENS_CUDA tokens:
+# a GPU's GEMMs want more rows than a CPU's, and it has the memory to spare.
+CUDA_BUDGET_SHARE = 1 / 16
+MAX_CHUNK_BUDGET_BYTES = 4 * 2**30
+MAX_CHUNK_TOKENS_CUDA = 4096
+
+
+def chunk_budget(device=None, free_bytes: int | None = None) -> tuple[int, int]:
+    """(bytes for the fused loss's logit buffers, most tokens per chunk) when chunk_size=None. CPU (or no device):
+    DEFAULT_CHUNK_BUDGET_BYTES and MAX_CHUNK_TOKENS. CUDA: CUDA_BUDGET_SHARE of the device's free memory
+    (`free_bytes`, else torch.cuda.mem_get_info), at least min(DEFAULT_CHUNK_BUDGET_BYTES, free / 4), at most
+    MAX_CHUNK_BUDGET_BYTES, and MAX_CHUNK_TOKENS_CUDA tokens."""
+    if device is None or torch.device(device).type != "cuda":
+        return DEFAULT_CHUNK_BUDGET_BYTES, MAX_CHUNK_TOKENS
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(torch.device(device))[0]
+    floor = min(DEFAULT_CHUNK_BUDGET_BYTES, free_bytes // 4)
+    return min(MAX_CHUNK_BUDGET_BYTES, max(int(free_bytes * CUDA_BUDGET_SHARE), floor)), MAX_CHUNK_TOKENS_CUDA
+
+
+def auto_chunk_size(vocab: int, n_rows: int, dtype: torch.dtype = torch.float32, buffers: int = 2, device=None,
+                    free_bytes: int | None = None) -> int:
     """Tokens per chunk so the `buffers` [chunk, vocab] fp32 buffers (student and teacher logits; a third for a
-    softcapped head) fit DEFAULT_CHUNK_BUDGET_BYTES, and at most MAX_CHUNK_TOKENS (beyond that, small vocabularies
-    gain no matmul speed, only memory); the rows are then split into equal chunks (1,024 rows at budget 258 ->
-    4 x 256, not 3 x 258 + 250)."""
+    softcapped head) fit the budget of `chunk_budget(device)` (on CPU DEFAULT_CHUNK_BUDGET_BYTES), and at most its
+    token cap (beyond that, small vocabularies gain no matmul speed, only memory); the rows are then split into equal
+    chunks (1,024 rows at budget 258 -> 4 x 256, not 3 x 258 + 250)."""
+    budget, most = chunk_budget(device, free_bytes)
     per_row = buffers * vocab * torch.empty((), dtype=compute_dtype(dtype)).element_size()
     n = max(n_rows, 1)
-    largest = max(1, min(n, MAX_CHUNK_TOKENS, DEFAULT_CHUNK_BUDGET_BYTES // per_row))
+    largest = max(1, min(n, most, budget // per_row))
     return -(-n // -(-n // largest))
 
 
@@ -330,7 +353,7 @@ class _FusedKD(torch.autograd.Function):
             if w is not None and tuple(w.shape) != (len(rows),):
                 raise LmdistillError(f"{name}: expected one weight per trained position ({len(rows)}), found shape "
                                      f"{tuple(w.shape)}.")
-        chunk = chunk or auto_chunk_size(V, len(rows), hs.dtype, buffers=3 if head[1] else 2)
+        chunk = chunk or auto_chunk_size(V, len(rows), hs.dtype, buffers=3 if head[1] else 2, device=hs.device)
         cut = lambda x: None if x is None else x[:V]  # noqa: E731  (padded vocabulary rows)
         teacher = None if scores is None else scores.block
         if scores is not None and scores.n_rows is not None and scores.n_rows != len(rows):
@@ -447,7 +470,7 @@ def distillation_loss_parts(student_logits: Tensor, teacher_logits: Tensor, labe
     _check_shapes("distillation_loss", student_logits, teacher_logits, labels, ("student_logits", "teacher_logits"))
     V = _check_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size, "distillation_loss")
     zs, zt = student_logits[..., :V], teacher_logits[..., :V].detach()
-    chunk = chunk_size or auto_chunk_size(V, labels.numel(), zs.dtype)
+    chunk = chunk_size or auto_chunk_size(V, labels.numel(), zs.dtype, device=zs.device)
     parts = LossParts()
     parts.loss = _LogitsKD.apply(zs, zt, labels, cfg, chunk, parts)
     return parts

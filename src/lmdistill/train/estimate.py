@@ -201,19 +201,21 @@ def teacher_bytes(teachers: list[TeacherShape], tokens: int, rows: int, half: bo
     return held + transient
 
 
-def loss_bytes(student: ModelShape, tokens: int, rows: int, n_teacher_buffers: int) -> tuple[int, int]:
+def loss_bytes(student: ModelShape, tokens: int, rows: int, n_teacher_buffers: int, device: str = "cpu",
+               free_bytes: int | None = None) -> tuple[int, int]:
     """(bytes, chunk): the fused loss's fp32 [chunk, V] logit buffers and the hidden states' gradient [N, H] fp32,
     both made in its forward. The lm_head weight's gradient it makes there too becomes that weight's .grad (counted
     with the gradients)."""
     from lmdistill.losses import auto_chunk_size
 
-    chunk = auto_chunk_size(student.vocab, rows, torch.float32)
+    chunk = auto_chunk_size(student.vocab, rows, torch.float32, device=device,  # CUDA: a share of the free memory
+                            free_bytes=free_bytes if device.startswith("cuda") else None)
     buffers = (1 + n_teacher_buffers) * chunk * student.vocab * 4 + chunk * student.hidden * 4
     return buffers + tokens * student.hidden * 4, chunk
 
 
 def estimate(run: RunShape, student: ModelShape, teachers: list[TeacherShape], examples: int | None = None,
-             data_bytes: int = 0) -> Estimate:
+             data_bytes: int = 0, free_bytes: int | None = None) -> Estimate:
     """The estimate for one process (one device) of a run: pure arithmetic on the shapes (module docstring)."""
     half = run.dtype != "float32"
     tokens, rows = run.batch_size * run.seq_len, run.batch_size * (run.seq_len - 1)  # the last position has no label
@@ -226,7 +228,7 @@ def estimate(run: RunShape, student: ModelShape, teachers: list[TeacherShape], e
     grads = grads * 2 if run.strategy == "ddp" else grads // (run.world if run.strategy in ("fsdp", "zero2") else 1)
     optimizer = trainable * 8 // (run.world if run.strategy in ("fsdp", "zero2") else 1)
     n_buffers = 0 if run.command == "train" else 1 + (len(teachers) > 1)
-    loss, chunk = loss_bytes(student, tokens, rows, n_buffers)
+    loss, chunk = loss_bytes(student, tokens, rows, n_buffers, run.device, free_bytes)
     host = {"baseline": CPU_BASELINE_BYTES, "data": data_bytes}
     if any(t.cache_bytes for t in teachers):
         host["teacher_cache"] = sum(t.cache_bytes for t in teachers)
@@ -408,8 +410,9 @@ def build_estimate(args, tokenizer, examples) -> Estimate:
     """The run's estimate from its options, the checked tokenizer and the tokenized examples; no weight loads."""
     student, teachers, extra = shapes(args, tokenizer)
     run = run_shape(args, extra)
-    est = estimate(run, student, teachers, len(examples), data_bytes(examples) if run.device == "cpu" else 0)
-    est.visible, est.visible_what = visible_memory(run.device)
+    visible, visible_what = visible_memory(run.device)
+    est = estimate(run, student, teachers, len(examples), data_bytes(examples) if run.device == "cpu" else 0, visible)
+    est.visible, est.visible_what = visible, visible_what
     stats = getattr(examples, "stats", None)
     est.data = stats.summary() if stats is not None else f"{args.data}: {len(examples):,} examples"
     if getattr(args, "on_policy_fraction", 0) > 0 or getattr(args, "method", "kd") == "minillm":
