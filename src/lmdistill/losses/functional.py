@@ -145,18 +145,17 @@ def _mm_f32(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.mm(a.float(), b.float(), **({} if out is None else {"out": out}))
 
 
-def project_logits(h: Tensor, W: Tensor, b: Tensor | None, out: Tensor, mm_dtype: torch.dtype | None = None,
-                   h_mm: Tensor | None = None) -> Tensor:
+def project_logits(h: Tensor, W: Tensor, b: Tensor | None, out: Tensor, mm_dtype: torch.dtype | None = None) -> Tensor:
     """out [C, V] = h @ W.T + b in out's dtype; low-precision weights are upcast tile by tile.
 
     On CPU, for large weights (Qwen's lm_head), the product is taken as W_tile @ h.T per vocabulary tile of
     CPU_TILE_BYTES written straight into the transposed view of out's columns (MKL takes the column-major
     output as is): that operand order runs ~25% faster than h @ W.T when C is a few hundred tokens, which is
     what token chunks are (benchmarks/loss_engine.py). Small weights gain nothing and take one matmul.
-    `mm_dtype` (CUDA, `matmul_dtype`): the operands go to the GEMM in that dtype (h_mm: h already cast), fp32 out."""
+    `mm_dtype` (CUDA, `matmul_dtype`): the operands go to the GEMM in that dtype (h may already be in it), fp32 out."""
     dt = out.dtype
     if mm_dtype is not None:
-        h_mm = h.to(mm_dtype) if h_mm is None else h_mm
+        h_mm = h.to(mm_dtype)
         if W.dtype == mm_dtype:
             _mm_f32(h_mm, W.t(), out=out)
         else:
@@ -196,10 +195,9 @@ def _project_back(g: Tensor, W: Tensor, g_mm: Tensor | None = None) -> Tensor:
     return sum(g[:, s : s + tile] @ W[s : s + tile].to(g.dtype) for s in range(0, W.shape[0], tile))
 
 
-def _add_weight_grad_(dW: Tensor, g: Tensor, h: Tensor, first: bool, alpha: float, g_mm: Tensor | None,
-                      h_mm: Tensor | None) -> None:
-    """dW [V, H] (+)= alpha * g.T @ h for one chunk; `first`: dW holds nothing yet (set, not add). With g_mm/h_mm
-    (CUDA, low-precision operands) the products come from fp32-output GEMMs, per vocabulary tile when adding."""
+def _add_weight_grad_(dW: Tensor, g: Tensor, h: Tensor, first: bool, alpha: float, g_mm: Tensor | None) -> None:
+    """dW [V, H] (+)= alpha * g.T @ h for one chunk; `first`: dW holds nothing yet (set, not add). With g_mm (g in the
+    low-precision matmul dtype of h, CUDA) the products come from fp32-output GEMMs, per vocabulary tile when adding."""
     if g_mm is None:
         if first:
             torch.mm(g.t(), h, out=dW)
@@ -207,11 +205,11 @@ def _add_weight_grad_(dW: Tensor, g: Tensor, h: Tensor, first: bool, alpha: floa
             dW.addmm_(g.t(), h, alpha=alpha)
         return
     if first and alpha == 1.0:
-        _mm_f32(g_mm.t(), h_mm, out=dW)
+        _mm_f32(g_mm.t(), h, out=dW)
         return
     tile = max(1, WEIGHT_TILE_BYTES // (dW.shape[1] * dW.element_size()))
     for s in range(0, dW.shape[0], tile):
-        part = _mm_f32(g_mm[:, s : s + tile].t(), h_mm)
+        part = _mm_f32(g_mm[:, s : s + tile].t(), h)
         if first:
             dW[s : s + tile] = part.mul_(alpha)
         else:
@@ -304,10 +302,9 @@ def _fused_chunks(hs2, Ws, bs, teacher, lab, rows, cfg, chunk, need, want_ce, ro
     kd, ce = zs_buf.new_zeros(()), zs_buf.new_zeros(())
     for start in range(0, n, chunk):
         r = rows[start : start + chunk]
-        h = hs2.index_select(0, r).to(dt)
-        h_mm = None if mm_dtype is None else hs2.index_select(0, r).to(mm_dtype)
+        h = hs2.index_select(0, r).to(mm_dtype or dt)  # the GEMMs' operand dtype: fp32, or bf16/fp16 on CUDA
         kept = None if kept_buf is None else kept_buf[: len(r)]
-        zs = _apply_head_(project_logits(h, Ws, bs, zs_buf[: len(r)], mm_dtype, h_mm), head, kept)
+        zs = _apply_head_(project_logits(h, Ws, bs, zs_buf[: len(r)], mm_dtype), head, kept)
         zt = None if teacher is None else teacher(start, r, zt_buf[: len(r)])
         kd_w, ce_w = (None if w is None else w[start : start + chunk].to(dt) for w in row_weights)
         kd_c, ce_c = loss_chunk_(zs, zt, lab[r], cfg, weight * grad_scale, want_ce, kd_w, ce_w)  # zs: d loss / d z
@@ -319,10 +316,13 @@ def _fused_chunks(hs2, Ws, bs, teacher, lab, rows, cfg, chunk, need, want_ce, ro
         elif dh is not None:
             dh[start : start + chunk] = _project_back(zs, Ws, g_mm)
         if dW is not None:
-            _add_weight_grad_(dW, zs, h, dW_into is None and start == 0, dW_alpha, g_mm, h_mm)
+            _add_weight_grad_(dW, zs, h, dW_into is None and start == 0, dW_alpha, g_mm)
         if db is not None:
             db += zs.sum(0)
     return kd, ce, weight, dh, dW, db
+
+
+_PENDING = "_lmdistill_pending_backward"  # set on a .grad a fused loss's forward has added into, until its backward
 
 
 def _grad_buffer(W: Tensor, V: int, dt: torch.dtype) -> Tensor | None:
@@ -336,9 +336,6 @@ def _grad_buffer(W: Tensor, V: int, dt: torch.dtype) -> Tensor | None:
     if getattr(g, _PENDING, False):  # another fused loss of the same graph already adds into it: take the usual path
         return None
     return g[:V]
-
-
-_PENDING = "_lmdistill_pending_backward"
 
 
 class _FusedKD(torch.autograd.Function):

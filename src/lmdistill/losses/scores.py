@@ -48,5 +48,5 @@ class ProjectedScores(TeacherScores):
 
         h = self.hidden.index_select(0, rows)
         mm = matmul_dtype(out.device, self.weight)  # a bf16 teacher on CUDA: tensor cores, exact products, fp32 out
-        z = project_logits(h.to(out.dtype), self.weight, self.bias, out, mm, None if mm is None else h.to(mm))
+        z = project_logits(h.to(mm or out.dtype), self.weight, self.bias, out, mm)
         return _apply_head_(z, self.head, None)
