@@ -351,3 +351,44 @@ def test_auto_chunk_size_fits_the_budget_in_equal_chunks(vocab, n):
     largest = min(n, MAX_CHUNK_TOKENS, DEFAULT_CHUNK_BUDGET_BYTES // (2 * vocab * 4))
     assert chunks == -(-n // largest)  # no more chunks than the budget needs
     assert n - (chunks - 1) * c >= c - chunks  # the last chunk is not a small remainder
+
+
+@pytest.mark.parametrize("T,alpha,masked", [(1.0, 0.0, False), (1.0, 0.4, True), (2.5, 0.0, True), (2.5, 0.4, False)])
+def test_row_blocks_with_a_shared_scratch_match_reference(monkeypatch, T, alpha, masked):
+    """Chunks walked in several row blocks (forced: 2 rows of 13 per block, a last block of 1), with the fast
+    forward-KL path's one reused temporary and q written over the teacher's block; -inf teacher logits too."""
+    from lmdistill.losses import engine
+
+    monkeypatch.setattr(engine, "ROW_BLOCK_ELEMENTS", 2 * 13)
+    hs, Ws, ht, Wt, labels = _inputs(n=11, V=13, seed=23)
+    hs.requires_grad_(), Ws.requires_grad_()
+    zt = ht @ Wt.T
+    if masked:
+        zt[:, [1, 4]] = -float("inf")
+    kw = dict(divergence="forward_kl", temperature=T, alpha=alpha)
+    ours = fused_distillation_loss(hs, Ws, ht, Wt, labels, chunk_size=5, **kw) if not masked else None
+    zs = (hs @ Ws.T).detach().requires_grad_()
+    ours_logits = distillation_loss(zs, zt, labels, chunk_size=5, **kw)
+    zs_r = zs.detach().clone().requires_grad_()
+    ref = reference(zs_r, zt, labels, "forward_kl", T, alpha)
+    torch.testing.assert_close(ours_logits, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(ours_logits, zs)[0], torch.autograd.grad(ref, zs_r)[0],
+                               rtol=1e-9, atol=1e-12)
+    if ours is not None:
+        ref_f = reference(hs @ Ws.T, zt, labels, "forward_kl", T, alpha)
+        for a, b in zip(torch.autograd.grad(ours, (hs, Ws)), torch.autograd.grad(ref_f, (hs, Ws))):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_forward_kl_row_blocks_make_one_temporary_per_chunk(monkeypatch):
+    """The fast forward-KL path makes one block-sized [R, V] tensor per chunk, not one or two per row block (fresh
+    MiB-sized blocks are fresh pages from the kernel on CPU: page faults cost more than the softmax)."""
+    from test_loss_accumulation import FreshTensors
+
+    from lmdistill.losses import engine
+
+    monkeypatch.setattr(engine, "ROW_BLOCK_ELEMENTS", 2 * 13)
+    zs, zt = torch.randn(10, 13), torch.randn(10, 13)
+    with FreshTensors((2, 13)) as fresh:
+        engine.loss_chunk_(zs, zt, torch.zeros(10, dtype=torch.long), engine.KDConfig(), 0.1)
+    assert fresh.count == 1  # for 5 row blocks (before: three per block, p, q and p * (zt - zs))

@@ -96,18 +96,19 @@ def _kd_block(zs: Tensor, zt: Tensor, cfg: KDConfig) -> tuple[Tensor, Tensor, Te
     return value, a, logq
 
 
-def _softmax_lse(z: Tensor) -> tuple[Tensor, Tensor]:
-    """softmax(z) and logsumexp(z) [R, 1] with one exp pass: the largest probability sits at the largest
-    logit, so lse = max z - log max softmax(z)."""
+def _softmax_lse(z: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """softmax(z) (into `out` when given) and logsumexp(z) [R, 1] with one exp pass: the largest probability sits
+    at the largest logit, so lse = max z - log max softmax(z)."""
     m = z.amax(-1, keepdim=True)
-    probs = torch.softmax(z, -1)
+    probs = torch.softmax(z, -1) if out is None else torch.ops.aten._softmax.out(z, -1, False, out=out)
     return probs, m - probs.amax(-1, keepdim=True).log()
 
 
 def _forward_kl_block_(zs: Tensor, zt: Tensor, target: Tensor, cfg: KDConfig, weight: float,
-                       want_ce: bool) -> tuple[Tensor, Tensor]:
+                       want_ce: bool, scratch: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`_loss_block_` for forward KL over the full vocabulary when alpha = 0 or T = 1 (the common case):
-    two exp passes instead of four and no [R, V] temporaries beyond p and q. Overwrites zs and zt.
+    two exp passes instead of four, and one [R, V] temporary (p, in `scratch` when given: reused across blocks,
+    so no fresh pages per block); q is written over zt once p (zt - zs) has been summed. Overwrites zs and zt.
 
     KL(p || q) = sum p (zt - zs) / T - (lse_t - lse_s) for the tempered logits; gradient T (q - p)."""
     T, alpha = cfg.temperature, cfg.alpha
@@ -118,14 +119,14 @@ def _forward_kl_block_(zs: Tensor, zt: Tensor, target: Tensor, cfg: KDConfig, we
             ce = (torch.logsumexp(zs, -1) - z_label).sum()
     if T != 1.0:
         zs.div_(T), zt.div_(T)
-    p, lse_t = _softmax_lse(zt)
-    q, lse_s = _softmax_lse(zs)
+    p, lse_t = _softmax_lse(zt, None if scratch is None else scratch[: len(zt)])
+    pd = zt.sub_(zs).mul_(p)  # p (zt - zs) in place: no [R, V] temporary
+    rows = pd.sum(-1)
+    if not bool(torch.isfinite(rows).all()):  # -inf teacher logits: p = 0 there, and 0 * log 0 = 0 (not NaN)
+        rows = pd.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1)
+    q, lse_s = _softmax_lse(zs, pd)  # zt is spent: q takes its place
     if T == 1.0 and (want_ce or alpha > 0):
         ce = (lse_s.squeeze(-1) - z_label).sum()
-    d = zt.sub_(zs)
-    rows = torch.linalg.vecdot(p, d)
-    if not bool(torch.isfinite(rows).all()):  # -inf teacher logits: p = 0 there, and 0 * log 0 = 0
-        rows = torch.linalg.vecdot(p, d.masked_fill_(p == 0, 0.0))
     kd = (rows - (lse_t - lse_s).squeeze(-1)).sum()
     c_kd = (1.0 - alpha) * T * weight  # d(T^2 KL)/dz = T (q - p)
     c_ce = alpha * weight  # at T = 1 the CE gradient is q - onehot with the same q
@@ -136,13 +137,14 @@ def _forward_kl_block_(zs: Tensor, zt: Tensor, target: Tensor, cfg: KDConfig, we
 
 
 def _loss_block_(zs: Tensor, zt: Tensor | None, target: Tensor, cfg: KDConfig, weight: float,
-                 want_ce: bool, kd_w: Tensor | None = None, ce_w: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 want_ce: bool, kd_w: Tensor | None = None, ce_w: Tensor | None = None,
+                 scratch: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """KD and CE sums of a row block; overwrites zs [R, V] with weight * d loss / d zs (and may overwrite zt).
     Row weights (`loss_chunk_`): kd_w [R] multiplies each row's divergence, ce_w [R] replaces alpha as each row's
     CE coefficient; the sums returned are then weighted too."""
     if (kd_w is None and ce_w is None and zt is not None and cfg.divergence == "forward_kl"
             and (cfg.top_k is None or cfg.top_k >= zs.shape[-1]) and (cfg.alpha == 0 or cfg.temperature == 1.0)):
-        return _forward_kl_block_(zs, zt, target, cfg, weight, want_ce)
+        return _forward_kl_block_(zs, zt, target, cfg, weight, want_ce, scratch)
     ce = kd = zs.new_zeros(())
     logq = None
     if zt is None:  # CE only (no teacher)
@@ -191,10 +193,13 @@ def loss_chunk_(zs: Tensor, zt: Tensor | None, target: Tensor, cfg: KDConfig, we
     kd = zs.new_zeros(())
     ce = zs.new_zeros(())
     cut = lambda w, block: None if w is None else w[block]  # noqa: E731
+    # One block-sized temporary for the whole chunk: fresh ones per block would each be new pages (glibc hands
+    # blocks of MiBs back to the kernel on free), and page faults cost more than the arithmetic they serve.
+    scratch = zs.new_empty(min(rows, zs.shape[0]), zs.shape[-1]) if zt is not None and zs.shape[0] > rows else None
     for start in range(0, zs.shape[0], rows):
         block = slice(start, start + rows)
         kd_b, ce_b = _loss_block_(zs[block], None if zt is None else zt[block], target[block], cfg, weight,
-                                  want_ce, cut(kd_w, block), cut(ce_w, block))
+                                  want_ce, cut(kd_w, block), cut(ce_w, block), scratch)
         kd += kd_b
         ce += ce_b
     return kd, ce
