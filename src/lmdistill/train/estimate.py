@@ -29,6 +29,14 @@ loss's buffers are not alive at once, nor all activations with all gradients):
   `auto_chunk_size` rows each, and the hidden states' gradient [N, H] fp32 (the lm_head weight gradient it makes in
   its forward is that weight's .grad, counted with the gradients).
 - CPU only (the peak is RSS): the process baseline CPU_BASELINE_BYTES and the tokenized data (sys.getsizeof).
+- on-policy steps (`--on_policy_fraction`, `--method minillm`): the student trains on prompt + its own reply, so the
+  activations, the teacher's forward and the loss are counted at max(--max_seq_len, the longest prompt in the data +
+  --max_new_tokens) tokens per row; generation (lean or HF decode) holds the KV cache of batch x (longest prompt +
+  --max_new_tokens) positions, 2 x kv_heads x head_dim values per layer in the activations' dtype (MiniLLM: the
+  teacher's too, in its dtype), one layer's copy more (a DynamicCache grows by concatenation) and the prefill's
+  largest one-layer forward (3 I + 4 H per prompt token). Generation and the training forward are not alive at
+  once: the total takes the larger of (activations + loss) and generation. `--generation_backend vllm`: the share
+  of the GPU that vLLM reserves (--vllm_gpu_memory_utilization x the device's memory) is held throughout.
 """
 
 from __future__ import annotations
@@ -107,6 +115,15 @@ class RunShape:
     max_steps: int | None = None
     epochs: float = 1.0
     extra_trainable: int = 0  # --feature_loss projectors
+    reply_tokens: int = 0  # on-policy steps: --max_new_tokens (0: the run generates nothing)
+    prompt_tokens: int = 0  # on-policy steps: the longest prompt the student completes
+    teacher_kv: bool = False  # MiniLLM: the teacher decodes beside the student (its own KV cache)
+    vllm_bytes: int = 0  # --generation_backend vllm: the device memory vLLM reserves
+
+    @property
+    def train_len(self) -> int:
+        """The longest row a step trains on: prompt + reply on on-policy steps."""
+        return max(self.seq_len, self.prompt_tokens + self.reply_tokens) if self.reply_tokens else self.seq_len
 
 
 @dataclass
@@ -125,6 +142,7 @@ class Estimate:
     loss: int
     chunk: int
     buffers: int  # the loss's [chunk, V] fp32 buffers
+    generation: int = 0  # on-policy decode: KV caches and the prefill's one-layer forward (not alive with `loss`)
     host: dict[str, int] = field(default_factory=dict)  # process baseline, data, teacher caches (RSS on CPU)
     examples: int | None = None
     steps: int | None = None
@@ -137,12 +155,13 @@ class Estimate:
     @property
     def tokens_per_step(self) -> int:
         r = self.run
-        return r.batch_size * r.accumulation_steps * r.world * r.seq_len
+        return r.batch_size * r.accumulation_steps * r.world * r.train_len
 
     def total(self, checkpointed: bool) -> int:
         acts = self.activations_checkpointed if checkpointed else self.activations
         host = sum(self.host.values()) if self.run.device == "cpu" else 0
-        return self.weights + self.gradients + self.optimizer + acts + self.teacher + self.loss + host
+        held = self.weights + self.gradients + self.optimizer + self.teacher + host + self.run.vllm_bytes
+        return held + max(acts + self.loss, self.generation)
 
 
 # -- the arithmetic (pure) -----------------------------------------------------------------------------------
@@ -186,6 +205,26 @@ def _dtype_bytes(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
 
 
+def kv_bytes(m: ModelShape, rows: int, positions: int, value_bytes: int) -> int:
+    """A KV cache of `rows` x `positions` (keys and values, every layer), plus one layer's copy: a DynamicCache
+    grows by concatenating each layer's new position, so the old and the new tensor of one layer coexist."""
+    per_layer = rows * positions * 2 * m.kv_heads * m.head_dim * value_bytes
+    return per_layer * (m.layers + 1)
+
+
+def generation_bytes(run: RunShape, student: ModelShape, teachers: list[TeacherShape]) -> int:
+    """On-policy decode (lean or HF, not vLLM): the student's KV cache for batch x (longest prompt + replies), the
+    teacher's too under MiniLLM, and the prefill's largest one-layer forward under no_grad."""
+    if not run.reply_tokens or run.vllm_bytes or not run.prompt_tokens:
+        return 0
+    act = 2 if run.dtype != "float32" else 4
+    positions = run.prompt_tokens + run.reply_tokens
+    models = [(student, act)] + [(t.model, _dtype_bytes(t.dtype)) for t in teachers if run.teacher_kv and t.model]
+    kv = sum(kv_bytes(m, run.batch_size, positions, b) for m, b in models)
+    prefill = max(run.batch_size * run.prompt_tokens * (3 * m.mlp + 4 * m.hidden) * b for m, b in models)
+    return kv + prefill
+
+
 def teacher_bytes(teachers: list[TeacherShape], tokens: int, rows: int, half: bool, shard: int) -> int:
     """Online teachers: weights (FSDP: / shard, plus one layer gathered), final hidden states, the largest
     one-layer forward; caches: the batch's top-k rows (ids int64, logits fp32) and log-normalizers."""
@@ -218,7 +257,8 @@ def estimate(run: RunShape, student: ModelShape, teachers: list[TeacherShape], e
              data_bytes: int = 0, free_bytes: int | None = None) -> Estimate:
     """The estimate for one process (one device) of a run: pure arithmetic on the shapes (module docstring)."""
     half = run.dtype != "float32"
-    tokens, rows = run.batch_size * run.seq_len, run.batch_size * (run.seq_len - 1)  # the last position has no label
+    # the last position has no label; on-policy rows are prompt + reply (`train_len`)
+    tokens, rows = run.batch_size * run.train_len, run.batch_size * (run.train_len - 1)
     shard = run.world if run.strategy == "fsdp" else 1
     trainable = student.trainable + run.extra_trainable
     weights = student.params * 4 // shard + (2 * student.matmul_trainable if half else 0)
@@ -235,7 +275,7 @@ def estimate(run: RunShape, student: ModelShape, teachers: list[TeacherShape], e
     est = Estimate(run, student, teachers, weights, grads, optimizer,
                    activation_bytes(student, tokens, half, False), activation_bytes(student, tokens, half, True),
                    teacher_bytes(teachers, tokens, rows, half, shard),
-                   loss, chunk, 1 + n_buffers, host, examples)
+                   loss, chunk, 1 + n_buffers, generation_bytes(run, student, teachers), host, examples)
     est.steps, est.steps_from = _steps(run, examples)
     return est
 
@@ -349,8 +389,30 @@ def shapes(args, tokenizer) -> tuple[ModelShape, list[TeacherShape], int]:
     return student, teachers, extra
 
 
-def run_shape(args, extra_trainable: int = 0) -> RunShape:
-    """The options the estimate reads; world size and strategy from torchrun/accelerate's environment."""
+def generates(args) -> bool:
+    """Whether the run's student writes replies (on-policy steps or MiniLLM's sampling)."""
+    return getattr(args, "on_policy_fraction", 0) > 0 or getattr(args, "method", "kd") == "minillm"
+
+
+def longest_prompt(examples) -> int:
+    """The longest prompt an on-policy step completes: the tokens before an example's last trained span
+    (`on_policy.last_prompt`); 0 when no example has one (plain text stays off-policy)."""
+    from lmdistill.train.on_policy import last_prompt
+
+    return max((len(last_prompt(ex)) for ex in examples), default=0)
+
+
+def vllm_reserved_bytes(args, device: str) -> int:
+    """`--generation_backend vllm`: what vLLM takes of the device (its utilization share of the total memory)."""
+    if not generates(args) or getattr(args, "generation_backend", "auto") != "vllm" or not device.startswith("cuda"):
+        return 0
+    total = torch.cuda.mem_get_info(torch.device(device))[1]
+    return int(args.vllm_gpu_memory_utilization * total)
+
+
+def run_shape(args, extra_trainable: int = 0, prompt_tokens: int = 0) -> RunShape:
+    """The options the estimate reads; world size and strategy from torchrun/accelerate's environment.
+    `prompt_tokens`: the data's longest prompt (`longest_prompt`), for a run that generates."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and "LOCAL_RANK" in os.environ:
@@ -358,8 +420,12 @@ def run_shape(args, extra_trainable: int = 0) -> RunShape:
     on = lambda var: os.environ.get(var, "").lower() in ("true", "1")  # noqa: E731
     strategy = "single" if world == 1 else "zero2" if on("ACCELERATE_USE_DEEPSPEED") else (
         "fsdp" if on("ACCELERATE_USE_FSDP") and device != "cpu" else "ddp")  # accelerate runs FSDP as DDP on CPU
+    gen = generates(args) and prompt_tokens > 0
     return RunShape(args.command, args.batch_size, args.max_seq_len, args.accumulation_steps, world, strategy,
-                    args.dtype, args.gradient_checkpointing, device, args.max_steps, args.epochs, extra_trainable)
+                    args.dtype, args.gradient_checkpointing, device, args.max_steps, args.epochs, extra_trainable,
+                    reply_tokens=args.max_new_tokens if gen else 0, prompt_tokens=prompt_tokens if gen else 0,
+                    teacher_kv=gen and getattr(args, "method", "kd") == "minillm",
+                    vllm_bytes=vllm_reserved_bytes(args, device) if gen else 0)
 
 
 def data_bytes(examples) -> int:
@@ -409,14 +475,16 @@ def visible_memory(device: str) -> tuple[int, str]:
 def build_estimate(args, tokenizer, examples) -> Estimate:
     """The run's estimate from its options, the checked tokenizer and the tokenized examples; no weight loads."""
     student, teachers, extra = shapes(args, tokenizer)
-    run = run_shape(args, extra)
+    run = run_shape(args, extra, longest_prompt(examples) if generates(args) else 0)
     visible, visible_what = visible_memory(run.device)
     est = estimate(run, student, teachers, len(examples), data_bytes(examples) if run.device == "cpu" else 0, visible)
     est.visible, est.visible_what = visible, visible_what
     stats = getattr(examples, "stats", None)
     est.data = stats.summary() if stats is not None else f"{args.data}: {len(examples):,} examples"
-    if getattr(args, "on_policy_fraction", 0) > 0 or getattr(args, "method", "kd") == "minillm":
-        est.notes.append("not counted: on-policy generation (the KV cache of --max_new_tokens replies; vLLM's share)")
+    if generates(args) and not run.reply_tokens:
+        est.notes.append("on-policy steps generate nothing here: no example has a prompt (plain text stays as it is)")
+    elif run.vllm_bytes:
+        est.notes.append("generation: vLLM's reserved share is counted; its KV cache and weights' copy live in it")
     if getattr(args, "cross_tokenizer", None):
         est.notes.append("--cross_tokenizer: counted as the same-tokenizer fused loss (alignment buffers not counted)")
     if any("moe" in m.model_type for m in [student] + [t.model for t in teachers if t.model]):
@@ -464,12 +532,22 @@ def _summary(est: Estimate) -> list[str]:
     for t in est.teachers:
         lines.append(f"  teacher  {t.name} ({t.dtype}): {t.model.describe()}: {t.model.params:,} parameters" if t.model
                      else f"  teacher  cache {t.name}: top-{t.top_k} rows, {_size(t.cache_bytes)} (no weights)")
-    per = f"{r.batch_size} x {r.accumulation_steps} accumulation x {r.world} process(es) x {r.seq_len}"
+    per = f"{r.batch_size} x {r.accumulation_steps} accumulation x {r.world} process(es) x {r.train_len}"
     return lines + [f"  data: {est.data}",
                     f"  tokens per optimizer step: {per} = {est.tokens_per_step:,} (at most: shorter examples are "
                     "padded per batch only)",
                     f"  optimizer steps: {est.steps if est.steps is not None else '?'} ({est.steps_from})",
-                    f"  loss: chunks of {est.chunk:,} positions x {s.vocab:,} logits (fp32)", ""]
+                    f"  loss: chunks of {est.chunk:,} positions x {s.vocab:,} logits (fp32)",
+                    *_generation_lines(est), ""]
+
+
+def _generation_lines(est: Estimate) -> list[str]:
+    r = est.run
+    if not r.reply_tokens:
+        return []
+    how = "vLLM" if r.vllm_bytes else "the student's KV cache" + (" and the teacher's" if r.teacher_kv else "")
+    return [f"  on-policy: replies of up to {r.reply_tokens:,} tokens (--max_new_tokens) after prompts of up to "
+            f"{r.prompt_tokens:,}: rows of up to {r.train_len:,} tokens are trained; generation with {how}"]
 
 
 def format_estimate(est: Estimate) -> str:
@@ -483,9 +561,14 @@ def format_estimate(est: Estimate) -> str:
     rows = [("weights (student: fp32" + (" + autocast copies)" if r.dtype != "float32" else ")"), est.weights),
             ("gradients (fp32, trainable parameters)", est.gradients),
             ("optimizer state (AdamW: 2 x fp32 per trainable parameter)", est.optimizer),
-            (f"activations (student, {r.batch_size} x {r.seq_len} tokens)", None),
+            (f"activations (student, {r.batch_size} x {r.train_len} tokens)", None),
             (teacher, est.teacher if est.teachers else None),
             (f"loss ({est.buffers} x [{est.chunk}, {s.vocab}] fp32 + hidden-state grad)", est.loss)]
+    if est.generation:
+        rows.append((f"generation (KV cache of {r.batch_size} x {r.prompt_tokens + r.reply_tokens} positions, "
+                     "prefill)", est.generation))
+    if r.vllm_bytes:
+        rows.append(("vLLM's reserved share (--vllm_gpu_memory_utilization)", r.vllm_bytes))
     labels = {"baseline": "process baseline (python, torch, transformers: RSS)", "data": "tokenized data (Python "
               "lists)", "teacher_cache": "teacher cache files (held in RAM)"}
     rows += [(labels[k], v) for k, v in est.host.items() if cpu]
@@ -494,6 +577,9 @@ def format_estimate(est: Estimate) -> str:
         if a is not None:
             lines.append(f"  {label:<60}{_size(a) + '  ':>18}{_size(b) + '  ':>26}")
     mark = lambda on: " *" if on == r.gradient_checkpointing else "  "  # noqa: E731
+    if est.generation:
+        lines.append("  (generation and the training forward are not alive at once: the total counts the larger of "
+                     "activations + loss and generation)")
     lines.append(f"  {'total (estimated peak; * = this run)':<60}{_size(est.total(False)) + mark(False):>18}"
                  f"{_size(est.total(True)) + mark(True):>26}")
     if not cpu and "teacher_cache" in est.host:
