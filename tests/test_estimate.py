@@ -312,9 +312,9 @@ def test_a_short_run_peaks_within_25_percent_of_the_estimate(tiny_teacher_dir, t
 def test_an_on_policy_run_peaks_within_25_percent_of_the_estimate(tiny_teacher_dir, tiny_chat, tmp_path):
     """Replies 4x longer than --max_seq_len: the student trains on prompt + reply rows, which the estimate counts
     (counted at --max_seq_len it read 17-21% of the measured RSS peak). What the tensors hold at their peak (malloc's
-    in-use bytes) is within 15% of it (measured +9.5%). The RSS peak reads higher: 225 MiB against the estimate's
-    195 with the per-op sampling on, 262-270 MiB without it: the KV cache, grown by concatenation one token at a
-    time, leaves the heap fragmented for the training step that follows (README, "Know before you run")."""
+    in-use bytes after every op) is within 15% of it (measured +9.5%). The RSS peak reads higher: 225 MiB against
+    the estimate's 195 with the per-op sampling on, 254-270 MiB without it; not memory kept after decoding
+    (malloc_trim after it changed nothing). README, "Know before you run"."""
     r = _measure(["--teacher", tiny_teacher_dir, "--student", "nano", "--data", tiny_chat, "--output_dir",
                   tmp_path / "run", "--max_seq_len", "64", "--batch_size", "16", "--device", "cpu",
                   "--on_policy_fraction", "1", "--max_new_tokens", "256", "--divergence", "reverse_kl"])
