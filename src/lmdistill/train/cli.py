@@ -92,7 +92,8 @@ def _common(p: argparse.ArgumentParser, command: str) -> None:
     a("--dry_run", action="store_true",
       help="check the options, build the models on the meta device from their configs (no weights read), tokenize "
            "the data and print parameters, memory per device (weights, gradients, optimizer, activations with and "
-           "without --gradient_checkpointing, teacher, loss), tokens per step, steps and whether it fits; then exit")
+           "without --gradient_checkpointing, teacher, loss, on-policy generation), tokens per step, steps and "
+           "whether it fits; then exit")
     # logging, checkpoints, eval
     a("--log_interval", type=POSITIVE, default=10, help="write metrics.jsonl and a progress line every N steps")
     a("--save_interval", type=COUNT, default=0, help="write checkpoint-STEP/ every N steps (0: only at the end)")
