@@ -149,6 +149,14 @@ def test_on_policy_rows_are_prompt_plus_reply_and_generation_is_not_alive_with_t
     assert kv_bytes(s, 4, 60, 4) == kv and on.generation == kv + 4 * 20 * (3 * 192 + 4 * 48) * 4
     held = on.weights + on.gradients + on.optimizer + on.teacher + sum(on.host.values())
     assert on.total(False) == held + max(on.activations + on.loss, on.generation)
+    # rows: a batch is padded to its longest row, so the data's longest example (at most --max_seq_len) counts;
+    # on-policy rows are prompt + reply, and only those when the data gives prompts alone
+    rows = RunShape("distill", batch_size=4, seq_len=512, longest_example=100)
+    assert rows.train_len == 100 and replace(rows, longest_example=0).train_len == 512
+    assert replace(rows, longest_example=900).train_len == 512
+    assert replace(rows, reply_tokens=40, prompt_tokens=20).train_len == 100
+    assert replace(rows, reply_tokens=90, prompt_tokens=20).train_len == 110
+    assert replace(rows, reply_tokens=40, prompt_tokens=20, all_on_policy=True).train_len == 60
     # MiniLLM: the teacher decodes beside the student (its cache in its bf16)
     mix = estimate(replace(run, teacher_kv=True), s, teacher)
     assert mix.generation == on.generation + kv_bytes(t, 4, 60, 2)

@@ -119,11 +119,18 @@ class RunShape:
     prompt_tokens: int = 0  # on-policy steps: the longest prompt the student completes
     teacher_kv: bool = False  # MiniLLM: the teacher decodes beside the student (its own KV cache)
     vllm_bytes: int = 0  # --generation_backend vllm: the device memory vLLM reserves
+    longest_example: int = 0  # the data's longest tokenized example (0: not known, --max_seq_len counts)
+    all_on_policy: bool = False  # every trained row is prompt + reply (--on_policy_fraction 1; MiniLLM, --lm_coef 0)
 
     @property
     def train_len(self) -> int:
-        """The longest row a step trains on: prompt + reply on on-policy steps."""
-        return max(self.seq_len, self.prompt_tokens + self.reply_tokens) if self.reply_tokens else self.seq_len
+        """The longest row a step trains on: the longest example (a batch is padded to its longest row, at most
+        --max_seq_len), or prompt + reply on on-policy steps."""
+        data = min(self.seq_len, self.longest_example) if self.longest_example else self.seq_len
+        if not self.reply_tokens:
+            return data
+        generated = self.prompt_tokens + self.reply_tokens
+        return generated if self.all_on_policy else max(data, generated)
 
 
 @dataclass
@@ -394,6 +401,13 @@ def generates(args) -> bool:
     return getattr(args, "on_policy_fraction", 0) > 0 or getattr(args, "method", "kd") == "minillm"
 
 
+def prompts_only(args) -> bool:
+    """Whether the run trains on the student's (or the mixture's) replies alone, the data giving only prompts
+    (`estimate._examples` loads prompts then)."""
+    minillm_prompts = getattr(args, "method", "kd") == "minillm" and args.lm_coef == 0
+    return getattr(args, "on_policy_fraction", 0) >= 1 or minillm_prompts
+
+
 def longest_prompt(examples) -> int:
     """The longest prompt an on-policy step completes: the tokens before an example's last trained span
     (`on_policy.last_prompt`); 0 when no example has one (plain text stays off-policy)."""
@@ -410,9 +424,10 @@ def vllm_reserved_bytes(args, device: str) -> int:
     return int(args.vllm_gpu_memory_utilization * total)
 
 
-def run_shape(args, extra_trainable: int = 0, prompt_tokens: int = 0) -> RunShape:
+def run_shape(args, extra_trainable: int = 0, prompt_tokens: int = 0, longest_example: int = 0) -> RunShape:
     """The options the estimate reads; world size and strategy from torchrun/accelerate's environment.
-    `prompt_tokens`: the data's longest prompt (`longest_prompt`), for a run that generates."""
+    `prompt_tokens`: the data's longest prompt (`longest_prompt`), for a run that generates; `longest_example`:
+    the longest tokenized example (0: unknown)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and "LOCAL_RANK" in os.environ:
@@ -425,7 +440,8 @@ def run_shape(args, extra_trainable: int = 0, prompt_tokens: int = 0) -> RunShap
                     args.dtype, args.gradient_checkpointing, device, args.max_steps, args.epochs, extra_trainable,
                     reply_tokens=args.max_new_tokens if gen else 0, prompt_tokens=prompt_tokens if gen else 0,
                     teacher_kv=gen and getattr(args, "method", "kd") == "minillm",
-                    vllm_bytes=vllm_reserved_bytes(args, device) if gen else 0)
+                    vllm_bytes=vllm_reserved_bytes(args, device) if gen else 0, longest_example=longest_example,
+                    all_on_policy=gen and prompts_only(args))
 
 
 def data_bytes(examples) -> int:
@@ -454,8 +470,7 @@ def _examples(args, tokenizer):
 
         return load_cross_examples(args.data, tokenizer, load_tokenizer(args.teacher[0], "--teacher"),
                                    args.max_seq_len, args.data_format, args.skip_bad_records)
-    minillm_prompts = getattr(args, "method", "kd") == "minillm" and args.lm_coef == 0
-    if getattr(args, "on_policy_fraction", 0) >= 1 or minillm_prompts:
+    if prompts_only(args):
         return prompt_examples(args.data, tokenizer, args.max_seq_len, args.data_format)
     return load_examples(args.data, tokenizer, args.max_seq_len, args.data_format, args.skip_bad_records)
 
@@ -475,7 +490,8 @@ def visible_memory(device: str) -> tuple[int, str]:
 def build_estimate(args, tokenizer, examples) -> Estimate:
     """The run's estimate from its options, the checked tokenizer and the tokenized examples; no weight loads."""
     student, teachers, extra = shapes(args, tokenizer)
-    run = run_shape(args, extra, longest_prompt(examples) if generates(args) else 0)
+    longest = max((len(ex.get("input_ids", ())) for ex in examples), default=0)
+    run = run_shape(args, extra, longest_prompt(examples) if generates(args) else 0, longest)
     visible, visible_what = visible_memory(run.device)
     est = estimate(run, student, teachers, len(examples), data_bytes(examples) if run.device == "cpu" else 0, visible)
     est.visible, est.visible_what = visible, visible_what
