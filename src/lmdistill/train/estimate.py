@@ -29,14 +29,16 @@ loss's buffers are not alive at once, nor all activations with all gradients):
   `auto_chunk_size` rows each, and the hidden states' gradient [N, H] fp32 (the lm_head weight gradient it makes in
   its forward is that weight's .grad, counted with the gradients).
 - CPU only (the peak is RSS): the process baseline CPU_BASELINE_BYTES and the tokenized data (sys.getsizeof).
-- on-policy steps (`--on_policy_fraction`, `--method minillm`): the student trains on prompt + its own reply, so the
-  activations, the teacher's forward and the loss are counted at max(--max_seq_len, the longest prompt in the data +
-  --max_new_tokens) tokens per row; generation (lean or HF decode) holds the KV cache of batch x (longest prompt +
-  --max_new_tokens) positions, 2 x kv_heads x head_dim values per layer in the activations' dtype (MiniLLM: the
-  teacher's too, in its dtype), one layer's copy more (a DynamicCache grows by concatenation) and the prefill's
-  largest one-layer forward (3 I + 4 H per prompt token). Generation and the training forward are not alive at
-  once: the total takes the larger of (activations + loss) and generation. `--generation_backend vllm`: the share
-  of the GPU that vLLM reserves (--vllm_gpu_memory_utilization x the device's memory) is held throughout.
+- rows: a batch is padded to its longest row, so tokens per row are the data's longest example (at most
+  --max_seq_len; `RunShape.train_len`). On-policy steps (`--on_policy_fraction`, `--method minillm`) train on
+  prompt + the student's own reply: the longest prompt in the data + --max_new_tokens tokens per row (or the longest
+  example, if longer, when other steps train on the data's replies). Generation (lean or HF decode) holds the KV
+  cache of batch x (longest prompt + --max_new_tokens) positions, 2 x kv_heads x head_dim values per layer in the
+  activations' dtype (MiniLLM: the teacher's too, in its dtype), one layer's copy more (a DynamicCache grows by
+  concatenation) and the prefill's largest one-layer forward (3 I + 4 H per prompt token). Generation and the
+  training forward are not alive at once: the total takes the larger of (activations + loss) and generation.
+  `--generation_backend vllm`: the share of the GPU that vLLM reserves (--vllm_gpu_memory_utilization x the
+  device's memory) is held throughout.
 """
 
 from __future__ import annotations
