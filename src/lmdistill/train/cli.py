@@ -26,28 +26,26 @@ UNIT, POSITIVE_FLOAT = float_in(0, 1), float_in(0, lo_open=True)
 DTYPES = ["float32", "bfloat16", "float16"]
 
 
-def _counts(text) -> list[int]:
-    """`300,200` (or a YAML list) -> [300, 200], each an integer >= 1."""
+def _number_list(text, cast, ok, expected: str) -> list:
+    """`a,b` (or a YAML list) -> [cast(a), cast(b)], each passing `ok`; else an argparse error naming `expected`."""
     items = text if isinstance(text, list) else str(text).split(",")
     try:
-        counts = [int(x) for x in items]
+        values = [cast(x) for x in items]
     except ValueError:
-        counts = []
-    if not counts or any(c < 1 for c in counts):
-        raise argparse.ArgumentTypeError(f"expected step counts >= 1 separated by commas (e.g. 300,200), found {text!r}")
-    return counts
+        values = []
+    if not values or not all(ok(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected {expected}, found {text!r}")
+    return values
+
+
+def _counts(text) -> list[int]:
+    """`300,200` (or a YAML list) -> [300, 200], each an integer >= 1."""
+    return _number_list(text, int, lambda c: c >= 1, "step counts >= 1 separated by commas (e.g. 300,200)")
 
 
 def _weights(text) -> list[float]:
     """`0.5,0.5` (or a YAML list) -> [0.5, 0.5], each a positive number."""
-    items = text if isinstance(text, list) else str(text).split(",")
-    try:
-        weights = [float(x) for x in items]
-    except ValueError:
-        weights = []
-    if not weights or any(not (w > 0 and w < float("inf")) for w in weights):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, found {text!r}")
-    return weights
+    return _number_list(text, float, lambda w: 0 < w < float("inf"), "comma-separated positive numbers")
 
 
 def _common(p: argparse.ArgumentParser, command: str) -> None:
