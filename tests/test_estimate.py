@@ -241,7 +241,7 @@ def test_dry_run_errors_name_the_flag_and_the_folder(config_only, tiny_corpus, t
 
 # -- measured ------------------------------------------------------------------------------------------------
 MEASURE = r"""
-import ctypes, json, resource, sys
+import contextlib, ctypes, json, os, resource, sys
 from torch.utils._python_dispatch import TorchDispatchMode
 from train_args import make_args
 from lmdistill.train.estimate import build_estimate, _examples
@@ -283,8 +283,8 @@ trainer.model.train()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # the RSS high-water mark starts again from here: models, data and trainer are built
 base = rss()
-in_use = InUse()  # what the tensors hold (malloc's in-use bytes after every op), without the heap's fragmentation
-with in_use:
+in_use = InUse() if os.environ.get("MEASURE_IN_USE") else None  # what tensors hold from op to op (malloc's count)
+with in_use or contextlib.nullcontext():
     for _ in range(3):
         trainer.step()
 # VmHWM, which clear_refs reset; not ru_maxrss, which also keeps the high-water mark of before the reset once any
@@ -295,15 +295,20 @@ est = build_estimate(args, trainer.tokenizer, _examples(args, trainer.tokenizer)
 # resident before the reset: the process, the data and the preset student; the teacher's safetensors are mapped
 # and read in during the first step
 print(json.dumps({"measured": peak - base, "estimated": est.total(False) - sum(est.host.values()) - est.weights,
-                  "in_use": in_use.above(), "train_len": est.run.train_len}))
+                  "in_use": in_use and in_use.above(), "train_len": est.run.train_len}))
 """
 
 
-def _measure(argv: list) -> dict:
+def _measure(argv: list, in_use: bool = False) -> dict:
+    """MEASURE in a fresh process; `in_use`: also sample malloc's in-use bytes after every op (a dispatch mode, which
+    routes every op through Python)."""
     from runs import TESTS
 
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    if in_use:
+        env["MEASURE_IN_USE"] = "1"
     done = subprocess.run([sys.executable, "-c", MEASURE, *map(str, argv)], capture_output=True, text=True, check=False,
-                          timeout=300, cwd=TESTS, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)})
+                          timeout=300, cwd=TESTS, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -317,7 +322,7 @@ def test_a_short_run_peaks_within_25_percent_of_the_estimate(tiny_teacher_dir, t
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the RSS high-water mark")
-def test_an_on_policy_run_peaks_within_25_percent_of_the_estimate(tiny_teacher_dir, tiny_chat, tmp_path):
+def test_an_on_policy_run_is_counted_at_prompt_plus_reply_rows(tiny_teacher_dir, tiny_chat, tmp_path):
     """Replies 4x longer than --max_seq_len: the student trains on prompt + reply rows, which the estimate counts
     (counted at --max_seq_len it read 17-21% of the measured RSS peak). What the tensors hold at their peak (malloc's
     in-use bytes after every op) is within 15% of it (measured +9.5%). The RSS peak reads higher: 225 MiB against
@@ -325,7 +330,7 @@ def test_an_on_policy_run_peaks_within_25_percent_of_the_estimate(tiny_teacher_d
     (malloc_trim after it changed nothing). README, "Know before you run"."""
     r = _measure(["--teacher", tiny_teacher_dir, "--student", "nano", "--data", tiny_chat, "--output_dir",
                   tmp_path / "run", "--max_seq_len", "64", "--batch_size", "16", "--device", "cpu",
-                  "--on_policy_fraction", "1", "--max_new_tokens", "256", "--divergence", "reverse_kl"])
+                  "--on_policy_fraction", "1", "--max_new_tokens", "256", "--divergence", "reverse_kl"], in_use=True)
     assert r["train_len"] >= 256 and r["estimated"] > 50 * 2**20
     if r["in_use"] is not None:
         assert abs(r["estimated"] / r["in_use"] - 1) < 0.15, r

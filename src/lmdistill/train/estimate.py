@@ -420,7 +420,7 @@ def longest_prompt(examples) -> int:
 
 def vllm_reserved_bytes(args, device: str) -> int:
     """`--generation_backend vllm`: what vLLM takes of the device (its utilization share of the total memory)."""
-    if not generates(args) or getattr(args, "generation_backend", "auto") != "vllm" or not device.startswith("cuda"):
+    if getattr(args, "generation_backend", "auto") != "vllm" or not device.startswith("cuda"):
         return 0
     total = torch.cuda.mem_get_info(torch.device(device))[1]
     return int(args.vllm_gpu_memory_utilization * total)
