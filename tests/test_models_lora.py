@@ -53,10 +53,12 @@ def test_lora_targets_explicit_and_validated():
 
 def test_lora_on_moe_reaches_attention_and_shared_expert():
     model = apply_lora(load_model("minimind2-moe", **TINY))
-    targets = set(model.peft_config["default"].target_modules)
+    targets = {t.rsplit(".", 1)[-1] for t in model.peft_config["default"].target_modules}
     assert targets == set(DEFAULT_TARGETS)  # gate/up/down_proj exist in the shared expert
     names = [n for n, _ in model.named_parameters() if "lora_A" in n]
     assert any("shared_expert.down_proj" in n for n in names) and any("self_attn.q_proj" in n for n in names)
+    assert not any("experts.gate_up_proj" in n or "experts.down_proj" in n for n in names if "shared" not in n)
+    assert not getattr(model.peft_config["default"], "target_parameters", None)  # the fused experts stay frozen
 
 
 @pytest.mark.parametrize("preset", ["nano", "minimind3-moe"])

@@ -6,7 +6,9 @@
 The default targets are the attention and MLP projections that Qwen and Llama models name
 q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj (those present are used). In the MoE
 models of transformers 5 the routed experts are fused 3-D parameters, not Linear layers, so LoRA there
-reaches attention and any shared expert / dense MLP but not the routed experts.
+reaches attention and any shared expert / dense MLP but not the routed experts. (peft >= 0.22 would turn a short
+name such as `down_proj` into a target of the fused expert parameter as well, which peft cannot combine with LoRA
+dropout; such names are given to peft as the full paths of the Linear layers they mean.)
 """
 
 from __future__ import annotations
@@ -35,6 +37,19 @@ def _quiet_peft() -> Iterator[None]:
 def _linear_names(model: nn.Module) -> list[str]:
     """Distinct last-name components of the model's Linear layers, e.g. ['down_proj', 'lm_head', ...]."""
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def _linear_paths(model: nn.Module, targets: list[str]) -> list[str]:
+    """`targets` as peft should receive them: unchanged, unless a name also ends the path of a parameter that is not
+    a Linear layer's (transformers 5's fused MoE experts, `experts.down_proj`); then the full paths of the Linear
+    layers the names mean, so that peft >= 0.22 does not also wrap the fused parameters (`ParamWrapper`)."""
+    fused = {f"{mod}.{p}" if mod else p for mod, m in model.named_modules() if not isinstance(m, nn.Linear)
+             for p, _ in m.named_parameters(recurse=False)}
+    ends = lambda name, t: name == t or name.endswith("." + t)  # noqa: E731
+    if not any(ends(name, t) for name in fused for t in targets):
+        return targets
+    return sorted(name for name, m in model.named_modules()
+                  if isinstance(m, nn.Linear) and any(ends(name, t) for t in targets))
 
 
 def _targets(model: nn.Module, target_modules: str | Sequence[str] | None) -> list[str] | str:
@@ -78,8 +93,11 @@ def apply_lora(
         raise LmdistillError(f"LoRA: rank r must be a positive integer, found {r!r}.")
     if not 0.0 <= dropout < 1.0:
         raise LmdistillError(f"LoRA: dropout must be in [0, 1), found {dropout!r}.")
+    targets = _targets(model, target_modules)
+    if isinstance(targets, list):
+        targets = _linear_paths(model, targets)
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=_targets(model, target_modules),
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
         bias="none", task_type="CAUSAL_LM",
     )
     with _quiet_peft():
