@@ -47,12 +47,12 @@ def options(student: str, seq_len: int, data: Path, out: Path, teacher: dict, st
 
 def worker(args_json: str) -> dict:
     from lmdistill import DistillConfig
-    from lmdistill.api import to_args
+    from lmdistill.api import plan
     from lmdistill.train.loop import Trainer
 
     cfg = json.loads(args_json)
     device = cfg["options"]["device"]
-    trainer = Trainer(to_args(DistillConfig(**cfg["options"])))
+    trainer = Trainer(plan(DistillConfig(**cfg["options"])))
     clock, memory = Clock(device), Memory(device)
     base, _ = memory.reset()
     times, tokens = [], []

@@ -118,12 +118,12 @@ def flops_per_token(model, seq_len: int, train: bool) -> float:
     return 6 * n + 12 * attn * seq_len if train else 2 * n + 4 * attn * seq_len
 
 
-def cli_args(teacher_dir: str, student: str, pair: Pair, steps: int, out_dir: str, device: str, dtype: str):
-    """`lmdistill distill` options through the Python API (the CLI's own declarations and checks)."""
+def run_plan(teacher_dir: str, student: str, pair: Pair, steps: int, out_dir: str, device: str, dtype: str):
+    """The `lmdistill distill` run plan through the Python API (the CLI's own declarations and checks)."""
     from lmdistill import DistillConfig
-    from lmdistill.api import to_args
+    from lmdistill.api import plan
 
-    return to_args(DistillConfig(
+    return plan(DistillConfig(
         teacher=[teacher_dir], student=student, data=str(DATA), output_dir=out_dir, max_steps=steps,
         batch_size=pair.batch, learning_rate=LR, weight_decay=WEIGHT_DECAY, grad_clip=CLIP, max_seq_len=pair.seq_len,
         divergence="forward_kl", temperature=1.0, alpha=0.0, dtype=dtype, device=device, seed=SEED))
@@ -223,7 +223,7 @@ def run_lmdistill(pair, steps, teacher_dir, student, tmp, session, device, dtype
     from lmdistill.train.loop import Trainer
 
     p = PAIRS[pair]
-    trainer = Trainer(cli_args(teacher_dir, student, p, steps, str(Path(tmp) / "lmdistill"), device, dtype))
+    trainer = Trainer(run_plan(teacher_dir, student, p, steps, str(Path(tmp) / "lmdistill"), device, dtype))
     trainer.model.train()
     session.ready(trainer.teacher.model, trainer.acc.unwrap_model(trainer.model),
                   [trainer.examples[trainer.source.stream[i]] for i in range(p.batch)])

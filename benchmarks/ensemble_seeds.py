@@ -146,11 +146,11 @@ def evaluate(out: Path, recipe, arms: list[str], device: str) -> dict[str, dict]
 
 def run_training(command: str, argv: list[str]) -> float:
     """One run of `lmdistill COMMAND argv`, parsed exactly as the CLI parses it; returns its seconds."""
-    from lmdistill.cli import parse_args
+    from lmdistill.cli import parse_plan
     from lmdistill.train.loop import Trainer
 
     start = time.perf_counter()
-    trainer = Trainer(parse_args(command, argv))
+    trainer = Trainer(parse_plan(command, argv))
     trainer.train()
     if trainer.stop_signal:  # a Ctrl-C stopped the run: stop the benchmark too
         raise KeyboardInterrupt

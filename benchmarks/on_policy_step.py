@@ -60,10 +60,10 @@ class Meter:
 def run_lmdistill(teacher_dir: str, prompts_file: str, steps: int, tmp: str, meter: Meter, device: str,
                   dtype: str) -> None:
     from lmdistill import DistillConfig
-    from lmdistill.api import to_args
+    from lmdistill.api import plan
     from lmdistill.train.loop import Trainer
 
-    trainer = Trainer(to_args(DistillConfig(
+    trainer = Trainer(plan(DistillConfig(
         teacher=[teacher_dir], student="nano", data=prompts_file, output_dir=str(Path(tmp) / "lmdistill"),
         max_steps=steps, batch_size=BATCH, learning_rate=LR, weight_decay=WEIGHT_DECAY, grad_clip=CLIP,
         max_seq_len=1024, divergence="reverse_kl", temperature=1.0, alpha=0.0, on_policy_fraction=1.0,

@@ -12,14 +12,14 @@ import torch
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from train_args import make_args  # noqa: E402
+from train_args import make_plan  # noqa: E402
 
 from lmdistill.train.loop import Trainer  # noqa: E402
 
 if __name__ == "__main__":
     out, command, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
     torch.set_num_threads(1)
-    trainer = Trainer(make_args(command, argv))
+    trainer = Trainer(make_plan(command, argv))
     model = trainer.acc.unwrap_model(trainer.model)
     for layer in model.model.layers:
         fully_shard(layer)

@@ -249,11 +249,11 @@ def test_a_cross_tokenizer_run_trains_and_logs(kind, minimind_teacher, tiny_teac
 
 
 def test_one_tokenizer_through_gold_is_the_same_tokenizer_loss(tiny_teacher_dir, tiny_chat, tmp_path):
-    from lmdistill.cli import parse_args
+    from lmdistill.cli import parse_plan
     from lmdistill.train.loop import Trainer
 
     def first_step(*extra):
-        trainer = Trainer(parse_args("distill", _run_argv(tiny_teacher_dir, tiny_chat, tmp_path / str(len(extra)),
+        trainer = Trainer(parse_plan("distill", _run_argv(tiny_teacher_dir, tiny_chat, tmp_path / str(len(extra)),
                                                           tiny_teacher_dir, *extra)[1:]))
         return trainer.accumulate(trainer.micro_batches(0))
 

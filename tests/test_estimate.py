@@ -243,7 +243,7 @@ def test_dry_run_errors_name_the_flag_and_the_folder(config_only, tiny_corpus, t
 MEASURE = r"""
 import contextlib, ctypes, json, os, resource, sys
 from torch.utils._python_dispatch import TorchDispatchMode
-from train_args import make_args
+from train_args import make_plan
 from lmdistill.train.estimate import build_estimate, _examples
 from lmdistill.train.loop import Trainer
 
@@ -277,7 +277,7 @@ class InUse(TorchDispatchMode):
     def above(self):
         return None if self.info is None else self.peak - self.base
 
-args = make_args("distill", sys.argv[1:])
+args = make_plan("distill", sys.argv[1:])
 trainer = Trainer(args)
 trainer.model.train()
 with open("/proc/self/clear_refs", "w") as f:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from runs import lmdistill, torchrun
 
-from lmdistill.cli import main, parse_args
+from lmdistill.cli import main, parse_plan
 from lmdistill.errors import LmdistillError
 from lmdistill.losses.features import FeatureProjectors, parse_layer_map
 
@@ -128,7 +128,7 @@ def test_feature_runs_resume_exactly(tiny_teacher_dir, tiny_chat, tmp_path):
 def test_a_lora_student_trains_its_projectors(tiny_teacher_dir, tiny_chat, tmp_path):
     from lmdistill.train.loop import Trainer
 
-    trainer = Trainer(parse_args("distill", _argv(tiny_teacher_dir, tiny_chat, tmp_path, "--lora_r", 4,
+    trainer = Trainer(parse_plan("distill", _argv(tiny_teacher_dir, tiny_chat, tmp_path, "--lora_r", 4,
                                                   "--feature_loss", "cosine")[1:]))
     before = trainer.projectors.maps[0].weight.detach().clone()
     stats = trainer.step()
@@ -159,7 +159,7 @@ def test_caches_and_ensembles_have_no_hidden_states_to_match(tiny_teacher_dir, t
 
 def test_two_ranks_give_the_single_process_gradients(tiny_teacher_dir, tiny_chat, tmp_path):
     """DDP with the projectors on the student: 2 ranks x batch 2 == 1 process x batch 4, projectors included."""
-    from train_args import make_args
+    from train_args import make_plan
 
     from lmdistill.train.loop import Trainer
 
@@ -168,7 +168,7 @@ def test_two_ranks_give_the_single_process_gradients(tiny_teacher_dir, tiny_chat
     proc = torchrun("ddp_worker.py", out, "distill", [*argv, "--batch_size", "2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = torch.load(out)
-    single = Trainer(make_args("distill", _argv(tiny_teacher_dir, tiny_chat, tmp_path / "one", "--device", "cpu")[1:]))
+    single = Trainer(make_plan("distill", _argv(tiny_teacher_dir, tiny_chat, tmp_path / "one", "--device", "cpu")[1:]))
     single.accumulate(single.micro_batches(0))
     ref = {n: p.grad for n, p in single.acc.unwrap_model(single.model).named_parameters() if p.grad is not None}
     assert any("feature_projectors" in n for n in ddp) and set(ddp) == set(ref)

@@ -112,4 +112,4 @@ def test_top_k_and_prompt_length_options(tiny_teacher_dir, tmp_path, monkeypatch
     monkeypatch.setattr(generation, "generate_replies", spy)
     out = tmp_path / "gen.jsonl"
     assert _generate(tiny_teacher_dir, _prompts(tmp_path), out, "--top_k", 5, "--max_prompt_tokens", 4) == 0
-    assert seen["top_k"] == 5 and seen["longest"] == 4 and len(_lines(out)) == 5
+    assert seen["sample_top_k"] == 5 and seen["longest"] == 4 and len(_lines(out)) == 5

@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_args import make_args
+from train_args import make_plan
 
 from lmdistill.cli import main
 from lmdistill.train import health
@@ -40,7 +40,7 @@ def _train(command, argv) -> tuple[int, str]:
     """One in-process run; (exit status of train(), what it printed)."""
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
-        code = Trainer(make_args(command, argv)).train()
+        code = Trainer(make_plan(command, argv)).train()
     return code, text.getvalue()
 
 
@@ -329,13 +329,14 @@ def test_kd_plateau_and_gradient_checks_on_sequences():
 def test_metric_directions_and_divergence_bounds():
     assert [health.direction(m) for m in ("ce", "ppl", "bits_per_byte", "kl_to_teacher_2", "agreement",
                                           "exact_match", "entropy")] == ["min"] * 4 + ["max"] * 2 + [None]
-    args = make_args("distill", ["--teacher", "t", "--student", "s", "--data", "d", "--output_dir", "o",
-                                 "--divergence", "jsd", "--jsd_beta", "0.5"])
-    assert health.kd_bound(args) == ("jsd", pytest.approx(math.log(2)))
-    args.divergence, args.skew_lambda = "srkl", 0.1
-    assert health.kd_bound(args) == ("skew_reverse_kl", pytest.approx(-math.log(0.1)))
-    args.divergence = "forward_kl"
-    assert health.kd_bound(args) is None
+    from lmdistill.losses.engine import KDConfig
+    from lmdistill.train.plan import Objective
+
+    assert health.kd_bound(Objective("kd", KDConfig("jsd", jsd_beta=0.5))) == ("jsd", pytest.approx(math.log(2)))
+    bound = health.kd_bound(Objective("kd", KDConfig("srkl", skew_lambda=0.1)))
+    assert bound == ("skew_reverse_kl", pytest.approx(-math.log(0.1)))
+    assert health.kd_bound(Objective("kd", KDConfig("forward_kl"))) is None
+    assert health.kd_bound(Objective("minillm", KDConfig("jsd"))) is None
     assert health.metric_name(True) == "ce" and health.metric_name(" agreement ") == "agreement"
 
 

@@ -240,24 +240,24 @@ def _gemma2(tmp_path, tokenizer_dir, name, hidden, softcap, seed):
 
 def test_a_softcapped_gemma2_pair_distills_with_the_models_own_logits(tiny_tokenizer_dir, tiny_chat, tmp_path):
     """Gemma 2 softcaps its logits in forward(); the fused loss in the loop equals the loss on the models' logits."""
-    from train_args import make_args
+    from train_args import make_plan
 
     from lmdistill.data import IGNORE_INDEX
     from lmdistill.train.loop import Trainer
 
     teacher = _gemma2(tmp_path, tiny_tokenizer_dir, "teacher", 32, 4.0, 0)
     student = _gemma2(tmp_path, tiny_tokenizer_dir, "student", 16, 2.0, 1)
-    trainer = Trainer(make_args("distill", ["--teacher", str(teacher), "--student", str(student), "--data",
+    trainer = Trainer(make_plan("distill", ["--teacher", str(teacher), "--student", str(student), "--data",
                                             str(tiny_chat), "--output_dir", str(tmp_path / "run"), "--max_seq_len",
                                             "48", "--batch_size", "2", "--temperature", "2.0", "--alpha", "0.3"]))
     batch = trainer.micro_batches(0)[0]
     parts, _ = trainer.micro_loss(batch)
     model, tmodel = trainer.model, trainer.teacher.model
     with torch.no_grad():
-        zs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        zt = tmodel(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        zs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        zt = tmodel(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     assert zs.abs().max() <= 2.0 and zt.abs().max() <= 4.0  # the caps are in the models' own logits
-    labels = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], IGNORE_INDEX)], 1)
+    labels = torch.cat([batch.labels[:, 1:], torch.full_like(batch.labels[:, :1], IGNORE_INDEX)], 1)
     ref = distillation_loss(zs, zt, labels, temperature=2.0, alpha=0.3, reduction="sum")
     torch.testing.assert_close(parts.loss.detach(), ref, rtol=1e-5, atol=1e-5)
     assert trainer.step()["loss"] > 0  # a whole optimizer step runs
@@ -266,14 +266,14 @@ def test_a_softcapped_gemma2_pair_distills_with_the_models_own_logits(tiny_token
 def test_the_loop_accumulates_the_lm_head_gradient_in_place(tiny_teacher_dir, tiny_chat, tmp_path):
     """Later micro-batches add into the tied embedding's .grad (same storage), and the result equals one big batch
     (tests/test_train.py checks 1 x 8 == 8 x 1 on every parameter)."""
-    from train_args import make_args
+    from train_args import make_plan
 
     from lmdistill.train.loop import Trainer
 
     argv = ["--teacher", str(tiny_teacher_dir), "--student", "nano", "--hidden_size", "32", "--num_layers", "1",
             "--data", str(tiny_chat), "--output_dir", str(tmp_path / "run"), "--max_seq_len", "64",
             "--batch_size", "1", "--accumulation_steps", "3"]
-    trainer = Trainer(make_args("distill", argv))
+    trainer = Trainer(make_plan("distill", argv))
     W = trainer.model.lm_head.weight
     assert W is trainer.model.model.embed_tokens.weight  # tied
     batches = trainer.micro_batches(0)

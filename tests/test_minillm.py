@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from lmdistill.cli import main, parse_args
+from lmdistill.cli import main, parse_plan
 from lmdistill.data import IGNORE_INDEX
 from lmdistill.losses import fused_teacher_distillation_loss_parts
 from lmdistill.losses.minillm import minillm_weights
@@ -328,21 +328,21 @@ def test_each_token_group_is_normalized_by_its_own_count(tiny_teacher_dir, tiny_
     """gradients = d/dtheta [sum(sampled terms) / N_sampled + lm_coef * sum(CE on replies) / N_replies]."""
     from lmdistill.train.loop import Trainer
 
-    trainer = Trainer(parse_args("distill", _argv(tiny_teacher_dir, tiny_chat, tmp_path, "--lm_coef", 0.5,
+    trainer = Trainer(parse_plan("distill", _argv(tiny_teacher_dir, tiny_chat, tmp_path, "--lm_coef", 0.5,
                                                   "--accumulation_steps", 2)[1:]))
     batches = trainer.micro_batches(0)
-    assert [b["objective"] for b in batches] == ["minillm", "lm", "minillm", "lm"]
+    assert [b.group for b in batches] == ["minillm", "lm", "minillm", "lm"]
     stats = trainer.accumulate(batches)
     got = [p.grad.clone() for p in trainer.model.parameters()]
     trainer.optimizer.zero_grad(set_to_none=True)
-    count = lambda kind: sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches if b["objective"] == kind)
+    count = lambda kind: sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches if b.group == kind)
     n_s, n_lm = count("minillm"), count("lm")
     total, terms = 0.0, {}
     for b in batches:
         parts, _ = trainer.micro_loss(b)
-        total = total + parts.loss / (n_s if b["objective"] == "minillm" else n_lm)
+        total = total + parts.loss / (n_s if b.group == "minillm" else n_lm)
         for k, v in parts.terms.items():
-            terms[k] = terms.get(k, 0.0) + v / (n_s if b["objective"] == "minillm" else n_lm)
+            terms[k] = terms.get(k, 0.0) + v / (n_s if b.group == "minillm" else n_lm)
     total.backward()
     for a, b in zip(got, (p.grad for p in trainer.model.parameters())):
         torch.testing.assert_close(a, b)
@@ -375,7 +375,7 @@ def test_mix_alpha_and_clip_flags_reach_the_sampler_and_weights(tiny_teacher_dir
     from lmdistill.train.loop import Trainer
 
     def stats(*flags):
-        trainer = Trainer(parse_args("distill", _argv(tiny_teacher_dir, tiny_chat, tmp_path / str(len(flags)),
+        trainer = Trainer(parse_plan("distill", _argv(tiny_teacher_dir, tiny_chat, tmp_path / str(len(flags)),
                                                       *flags)[1:]))
         trainer.micro_batches(0)
         return trainer.source.last_stats

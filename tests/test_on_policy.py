@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from lmdistill.cli import main, parse_args
+from lmdistill.cli import main, parse_plan
 from lmdistill.data import IGNORE_INDEX, load_examples
 from lmdistill.models.generation import Reply
 from lmdistill.tokenizer import load_tokenizer
@@ -50,13 +50,13 @@ def test_the_stream_replaces_replies_on_a_seeded_share_of_steps(tiny_teacher_dir
     batches = stream.batches(step)
     assert len(batches) == 2 and calls == [4, 4]
     for batch in batches:
-        for row, labels in zip(batch["input_ids"], batch["labels"]):
+        for row, labels in zip(batch.input_ids, batch.labels):
             trained = labels[labels != IGNORE_INDEX].tolist()
             assert set(trained) <= {5, 1} and trained[0] == 5  # only the completion is trained
     assert stream.last_stats["on_policy"] and stream.last_stats["generated_tokens"] == 2 * (1 + 2 + 3 + 1)
     assert stream.last_stats["cut_share"] == 0.5
     off = flags.index(False)
-    assert not stream.batches(off)[0]["labels"].equal(batches[0]["labels"]) and not stream.last_stats["on_policy"]
+    assert not stream.batches(off)[0].labels.equal(batches[0].labels) and not stream.last_stats["on_policy"]
 
 
 def _argv(teacher, data, out, *extra):
@@ -80,13 +80,13 @@ def test_on_policy_reverse_kl_runs_and_logs_its_generation(tiny_teacher_dir, tin
 def test_the_student_replies_are_scored_by_the_teacher_on_the_completion(tiny_teacher_dir, tiny_chat, tmp_path):
     from lmdistill.train.loop import Trainer
 
-    trainer = Trainer(parse_args("distill", _argv(tiny_teacher_dir, tiny_chat, tmp_path, "--on_policy_fraction", 1,
+    trainer = Trainer(parse_plan("distill", _argv(tiny_teacher_dir, tiny_chat, tmp_path, "--on_policy_fraction", 1,
                                                   "--divergence", "jsd")[1:]))
     batches = trainer.micro_batches(0)
-    n = sum(len(b["example_index"]) for b in batches)
+    n = sum(len(b.example_index) for b in batches)
     last = trainer.source.last_stats
     finished = round((1 - last["cut_share"]) * n)
-    trained = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    trained = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
     assert trained == last["generated_tokens"] + finished  # every reply token, plus each stop token produced
     stats = trainer.accumulate(batches)
     assert stats["trained_tokens"] == trained and stats["kd_loss"] > 0
@@ -204,7 +204,7 @@ def test_text_blocks_stay_off_policy_beside_conversations(tiny_teacher_dir, tmp_
     stream = OnPolicyStream(DatasetStream(examples, tok.pad_token_id, 2, 1, seed=0), 1.0, 0, fake_generate)
     batch = stream.batches(0)[0]
     assert seen == [[9, 10]]
-    rows = {tuple(r[r != tok.pad_token_id].tolist()) for r in batch["input_ids"]}
+    rows = {tuple(r[r != tok.pad_token_id].tolist()) for r in batch.input_ids}
     assert rows == {(5, 6, 7, 8), (9, 10, 20, 21, 1)}
     assert stream.last_stats["generated_tokens"] == 2
 
@@ -221,7 +221,7 @@ def test_generation_options_reach_the_student_sampler(tiny_teacher_dir, tiny_cha
         return real(*args, **kwargs)
 
     monkeypatch.setattr(generation, "generate_replies", spy)
-    trainer = Trainer(parse_args("distill", _argv(tiny_teacher_dir, tiny_chat, tmp_path, "--on_policy_fraction", 1,
+    trainer = Trainer(parse_plan("distill", _argv(tiny_teacher_dir, tiny_chat, tmp_path, "--on_policy_fraction", 1,
                                                   "--generation_temperature", 0.7, "--generation_top_p", 0.9,
                                                   "--generation_backend", "hf")[1:]))
     trainer.micro_batches(0)

@@ -97,8 +97,8 @@ def test_the_python_api_runs_the_stages(tiny_teacher_dir, tiny_chat, tmp_path):
 
 
 def test_list_options_take_yaml_and_python_lists(tmp_path):
-    from lmdistill.api import DistillConfig, to_args
+    from lmdistill.api import DistillConfig
 
-    args = to_args(DistillConfig(teacher=["t"], student="nano", data="d", output_dir="o", via=["nano"],
-                                 stage_steps=[1, 2], teacher_weights=[0.25, 0.75]))
-    assert args.stage_steps == [1, 2] and args.teacher_weights == [0.25, 0.75] and args.via == ["nano"]
+    v = DistillConfig(teacher=["t"], student="nano", data="d", output_dir="o", via=["nano"], stage_steps=[1, 2],
+                      teacher_weights=[0.25, 0.75]).values()
+    assert v["stage_steps"] == [1, 2] and v["teacher_weights"] == [0.25, 0.75] and v["via"] == ["nano"]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from train_args import make_args
+from train_args import make_plan
 
 from lmdistill.cli import main
 from lmdistill.errors import LmdistillError
@@ -78,7 +78,7 @@ def _distill_argv(data, out, *extra):
 
 
 def _grads(argv):
-    trainer = Trainer(make_args("distill", argv))
+    trainer = Trainer(make_plan("distill", argv))
     stats = trainer.accumulate(trainer.micro_batches(3))
     return stats, {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 

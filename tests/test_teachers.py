@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from lmdistill.data.batch import Batch
 from lmdistill.cli import main
 from lmdistill.data import load_examples, pad_batch, shift_labels
 from lmdistill.losses import ProjectedScores, distillation_loss, fused_teacher_distillation_loss_parts
@@ -102,7 +103,7 @@ def pair(tiny_teacher_dir, tiny_chat, tmp_path_factory):
     student = load_model("nano", tokenizer=tok, hidden_size=32, num_layers=1, verbose=False)
     teacher = load_model(str(tiny_teacher_dir), verbose=False).eval()
     index = list(range(6))
-    batch = {**pad_batch([examples[i] for i in index], tok.pad_token_id), "example_index": index}
+    batch = Batch.of(pad_batch([examples[i] for i in index], tok.pad_token_id), "cpu", index)
     root = tmp_path_factory.mktemp("caches")
     caches = {}
     for k in (4, len(tok)):
@@ -112,8 +113,8 @@ def pair(tiny_teacher_dir, tiny_chat, tmp_path_factory):
 
 def _student_loss(student, scores, batch, **options):
     student.zero_grad(set_to_none=True)
-    targets = shift_labels(batch["labels"])
-    hidden = forward_hidden(student, batch["input_ids"], batch["attention_mask"]).hidden
+    targets = shift_labels(batch.labels)
+    hidden = forward_hidden(student, batch.input_ids, batch.attention_mask).hidden
     loss = fused_teacher_distillation_loss_parts(hidden, lm_head_of(student).weight, scores, targets, **options).loss
     loss.backward()
     return [loss.detach()] + [p.grad.clone() for p in student.parameters()]
@@ -178,13 +179,13 @@ def test_distill_from_two_teachers_logs_kl_to_the_ensemble_and_each_teacher(tiny
 
 
 def test_each_teacher_loads_in_its_own_dtype(tiny_teacher_dir, tiny_chat, tmp_path):
-    from lmdistill.cli import parse_args
+    from lmdistill.cli import parse_plan
     from lmdistill.train.loop import Trainer
 
     tok = load_tokenizer(tiny_teacher_dir)
     second = tmp_path / "second"
     load_model("nano", tokenizer=tok, hidden_size=40, num_layers=1, verbose=False).save_pretrained(second)
-    args = parse_args("distill", ["--teacher", tiny_teacher_dir, "--teacher", second, "--teacher_dtype", "float32",
+    args = parse_plan("distill", ["--teacher", tiny_teacher_dir, "--teacher", second, "--teacher_dtype", "float32",
                                   "--teacher_dtype", "bfloat16", "--student", "nano", "--hidden_size", "32",
                                   "--num_layers", "1", "--data", tiny_chat, "--output_dir", tmp_path / "run",
                                   "--max_seq_len", "48", "--batch_size", "4"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_args import make_args
+from train_args import make_plan
 
 from lmdistill.cli import main
 from lmdistill.train.loop import Trainer
@@ -25,7 +25,7 @@ def _distill_argv(teacher, data, out, *extra):
 
 
 def _step_grads(command, argv) -> dict[str, torch.Tensor]:
-    trainer = Trainer(make_args(command, argv))
+    trainer = Trainer(make_plan(command, argv))
     trainer.accumulate(trainer.micro_batches(0))
     return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
@@ -141,7 +141,7 @@ def test_final_outputs_frozen_teacher_and_minimind_flags(tiny_teacher_dir, tiny_
             "--num_workers", "0", "--ddp", "--grad_clip", "1.0", "--warmup_iters", "1", "--log_interval", "1",
             "--save_interval", "0", "--max_seq_len", "64", "--alpha", "0.5", "--temperature", "2.0",
             "--eval_data", str(tiny_chat), "--eval_batches", "2"]
-    args = make_args("distill", argv)
+    args = make_plan("distill", argv)
     trainer = Trainer(args)
     teacher_before = {n: p.clone() for n, p in trainer.teacher.model.named_parameters()}
     optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
@@ -175,7 +175,7 @@ def test_rerun_with_overwrite_starts_a_new_log_and_restores_signal_handlers(tiny
     previous = signal.signal(signal.SIGTERM, mine)
     try:
         for steps, extra in ((3, []), (2, ["--overwrite"])):
-            assert Trainer(make_args("distill", _distill_argv(tiny_teacher_dir, tiny_chat, out, "--max_steps",
+            assert Trainer(make_plan("distill", _distill_argv(tiny_teacher_dir, tiny_chat, out, "--max_steps",
                                                               steps, "--batch_size", 4, *extra))).train() == 0
             assert signal.getsignal(signal.SIGTERM) is mine
     finally:
@@ -213,7 +213,7 @@ def test_padded_teacher_vocabulary_is_compared_over_real_tokens(tiny_teacher_dir
     model.save_pretrained(padded)
     for f in tiny_teacher_dir.glob("*token*"):
         (padded / f.name).write_bytes(f.read_bytes())
-    trainer = Trainer(make_args("distill", _distill_argv(padded, tiny_chat, tmp_path / "run")))
+    trainer = Trainer(make_plan("distill", _distill_argv(padded, tiny_chat, tmp_path / "run")))
     assert trainer.teacher.vocab_size == len(trainer.tokenizer)
     stats = trainer.accumulate(trainer.micro_batches(0))
     assert torch.isfinite(torch.tensor(stats["loss"]))
@@ -234,7 +234,7 @@ def test_lora_student_saves_a_merged_model(tiny_teacher_dir, tiny_chat, tmp_path
 
 
 def test_moe_student_aux_loss_reaches_the_objective(tiny_teacher_dir, tiny_chat, tmp_path):
-    args = make_args("distill", [*_distill_argv(tiny_teacher_dir, tiny_chat, tmp_path), "--use_moe",
+    args = make_plan("distill", [*_distill_argv(tiny_teacher_dir, tiny_chat, tmp_path), "--use_moe",
                                  "--batch_size", "2"])
     trainer = Trainer(args)
     stats = trainer.accumulate(trainer.micro_batches(0))
@@ -244,7 +244,7 @@ def test_moe_student_aux_loss_reaches_the_objective(tiny_teacher_dir, tiny_chat,
 
 
 def test_lr_schedule_warmup_then_cosine_to_a_tenth():
-    from lmdistill.train.loop import lr_lambda
+    from lmdistill.train.schedules import lr_lambda
 
     f = lr_lambda(4, 20)
     assert [f(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -253,7 +253,7 @@ def test_lr_schedule_warmup_then_cosine_to_a_tenth():
 
 
 def test_temperature_schedule(tiny_teacher_dir, tiny_chat, tmp_path):
-    from lmdistill.train.loop import temperature_at
+    from lmdistill.train.schedules import temperature_at
 
     assert [temperature_at(i, 5, 4.0, None) for i in range(5)] == [4.0] * 5
     assert [temperature_at(i, 5, 4.0, 2.0) for i in range(5)] == [4.0, 3.5, 3.0, 2.5, 2.0]

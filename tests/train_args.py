@@ -1,9 +1,8 @@
-"""Build `lmdistill train/distill` options in tests exactly as the CLI does."""
+"""Build `lmdistill train/distill` runs in tests exactly as the CLI does: options parsed, typed, checked into the
+frozen run plan the Trainer reads."""
 
-import argparse
-
-from lmdistill.cli import parse_args
+from lmdistill.cli import parse_plan
 
 
-def make_args(command: str, argv: list[str]) -> argparse.Namespace:
-    return parse_args(command, [str(a) for a in argv])
+def make_plan(command: str, argv: list):
+    return parse_plan(command, [str(a) for a in argv])

@@ -4,89 +4,89 @@
     out = distill(DistillConfig(teacher=["runs/teacher"], student="nano", data="train.jsonl",
                                 output_dir="runs/kd", max_steps=200, divergence="reverse_kl"))
 
-`TrainConfig` / `DistillConfig` / `CacheTeacherConfig` are dataclasses generated from the one declaration of each
-option (its flag, type, default and help, in the command's module), so the CLI, recipe YAMLs and Python share
-names, defaults and checks: every value goes through the flag's own type, range and choices, and the run through
-the same pre-flight checks (`lmdistill.train.preflight`). Repeatable flags (`teacher`, `teacher_cache`,
-`teacher_adapter`) take lists. `help(DistillConfig)` lists every field with its help.
+`TrainConfig` / `DistillConfig` / `CacheTeacherConfig` are dataclasses made from the one declaration of each
+option (its flag, type, default and help: `lmdistill.train.options`, `lmdistill.teachers.options`), so the CLI,
+recipe YAMLs and Python share names, defaults and checks. A config checks what it is given when it is made: an
+unknown keyword names the closest option, a value goes through the flag's own type, range and choices. The run
+goes through the same pre-flight checks as the CLI (`lmdistill.train.preflight`), which resolve it into a frozen
+plan (`plan(config)` shows it). Repeatable flags (`teacher`, `teacher_cache`, `teacher_adapter`) take lists.
+`help(DistillConfig)` lists every field with its help. Teacher kinds and batch sources registered later (plugins)
+add their options to `DistillConfig`.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from pathlib import Path
-from typing import Any
 
 from lmdistill.errors import LmdistillError
 
-_SKIP = ("help", "config")
+_CONFIGS = {"TrainConfig": "train", "DistillConfig": "distill"}
 
 
-def _actions(command: str) -> list[argparse.Action]:
-    from lmdistill.cli import build_parser
+def __getattr__(name: str):
+    """`TrainConfig` / `DistillConfig` as the registries of teacher kinds and batch sources stand now."""
+    if name in _CONFIGS:
+        from lmdistill.train.options import config_for
 
-    return [a for a in build_parser(command)._actions if a.dest not in _SKIP and a.option_strings]
+        return config_for(_CONFIGS[name])
+    if name == "CacheTeacherConfig":
+        from lmdistill.teachers.options import config_for
 
-
-def _config_class(command: str, name: str) -> type:
-    actions = _actions(command)
-    fields = [(a.dest, Any, dataclasses.field(default=a.default, metadata={"help": a.help or ""})) for a in actions]
-    doc = f"Options of `lmdistill {command}` (see `lmdistill {command} --help`):\n\n" + "\n".join(
-        f"    {a.dest} = {a.default!r}: {a.help}" for a in actions)
-    cls = dataclasses.make_dataclass(name, fields, namespace={"__doc__": doc, "command": command})
-    cls.__module__ = __name__
-    return cls
+        return config_for()
+    raise AttributeError(f"module 'lmdistill.api' has no attribute '{name}'")
 
 
-TrainConfig = _config_class("train", "TrainConfig")
-DistillConfig = _config_class("distill", "DistillConfig")
-CacheTeacherConfig = _config_class("cache-teacher", "CacheTeacherConfig")
+def _check(config, expected: str) -> dict:
+    """The config's checked values (`ConfigBase.values()`), after checking it is a config of `expected`."""
+    from lmdistill.config import ConfigBase
+
+    if not isinstance(config, ConfigBase) or type(config).__name__ != expected:
+        raise LmdistillError(f"expected a {expected}, found {type(config).__name__}.")
+    return config.values()
 
 
-def to_args(config) -> argparse.Namespace:
-    """A config object -> the options namespace the commands run on, checked like flags."""
-    from lmdistill.cli import build_parser
-    from lmdistill.config import check_values
+def _quiet():
+    """transformers' own progress bars ("Loading weights", "Writing model shards") would interleave with ours."""
+    from transformers.utils import logging as hf_logging
 
-    command, name = config.command, type(config).__name__
-    parser = build_parser(command)
-    given = {k: v for k, v in dataclasses.asdict(config).items()}
-    values = check_values(parser, given, lambda key: f"{name}.{key}")
-    missing = [a.dest for a in parser._actions if a.required and values.get(a.dest) is None]
-    if missing:
-        raise LmdistillError(f"{name}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required.")
-    return argparse.Namespace(**values, config=None, command=command)
+    hf_logging.disable_progress_bar()
 
 
-def _run(config, expected: type) -> Path:
-    if not isinstance(config, expected):
-        raise LmdistillError(f"expected a {expected.__name__}, found {type(config).__name__}.")
-    args = to_args(config)
-    if config.command == "cache-teacher":
-        from lmdistill.teachers.cli import run
+def plan(config):
+    """The frozen `RunPlan` a `TrainConfig` / `DistillConfig` resolves to (every check that needs no model)."""
+    from lmdistill.train import preflight
 
-        run(args)
-    else:
-        from lmdistill.train.cli import run
-
-        code = run(args)  # one run, or the stages of a progressive one (`via`)
-        if code:
-            raise KeyboardInterrupt(f"the run stopped before its last step (exit status {code}); resume it with "
-                                    "resume='latest'.")
-    return Path(args.output_dir)
+    return preflight.check(_check(config, type(config).__name__), config.command)
 
 
-def train(config: TrainConfig) -> Path:
-    """Train with cross-entropy (`lmdistill train`); returns the run folder."""
-    return _run(config, TrainConfig)
+def _run(config, expected: str) -> Path:
+    from lmdistill.train.run import run_command
+
+    values = _check(config, expected)
+    _quiet()
+    code = run_command(values, config.command)  # one run, or the stages of a progressive one (`via`)
+    if code:
+        raise KeyboardInterrupt(f"the run stopped before its last step (exit status {code}); resume it with "
+                                "resume='latest'.")
+    return Path(values["output_dir"])
 
 
-def distill(config: DistillConfig) -> Path:
-    """Distill a teacher (or an ensemble, or a cache) into a student (`lmdistill distill`); returns the run folder."""
-    return _run(config, DistillConfig)
+def train(config) -> Path:
+    """Train with cross-entropy (`lmdistill train`) from a `TrainConfig`; returns the run folder."""
+    return _run(config, "TrainConfig")
 
 
-def cache_teacher(config: CacheTeacherConfig) -> Path:
-    """Precompute a teacher's top-k to disk (`lmdistill cache-teacher`); returns the cache folder."""
-    return _run(config, CacheTeacherConfig)
+def distill(config) -> Path:
+    """Distill a teacher (or an ensemble, or a cache) into a student (`lmdistill distill`) from a `DistillConfig`;
+    returns the run folder."""
+    return _run(config, "DistillConfig")
+
+
+def cache_teacher(config) -> Path:
+    """Precompute a teacher's top-k to disk (`lmdistill cache-teacher`) from a `CacheTeacherConfig`; returns the
+    cache folder."""
+    from lmdistill.teachers.cache_run import cache_teacher as run
+
+    _check(config, "CacheTeacherConfig")
+    _quiet()
+    return run(config)

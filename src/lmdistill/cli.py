@@ -82,6 +82,16 @@ def parse_args(command: str, argv: Sequence[str]):
     return args
 
 
+def parse_plan(command: str, argv: Sequence[str]):
+    """The frozen run plan of `lmdistill train|distill argv...` (parsed, typed and checked as the CLI does)."""
+    from lmdistill.train.options import config_for
+    from lmdistill.train.preflight import check
+
+    args = parse_args(command, argv)
+    config = config_for(command)(**{k: v for k, v in vars(args).items() if k not in ("config", "command")})
+    return check(config.values(), command)
+
+
 def _quiet_libraries() -> None:
     """transformers' own progress bars ("Loading weights", "Writing model shards") would interleave with ours."""
     try:

@@ -8,12 +8,18 @@ is an error naming the file, the line and the closest valid key, and an option t
 line may be given in the YAML instead.
 
 Range-checked types for `add_argument(type=...)`: `int_at_least(lo)`, `float_in(lo, hi, ...)`.
+
+The same declarations give the Python API its typed config classes (`config_class`): one dataclass field per
+option, each value checked on construction with the flag's own type, range and choices, an unknown keyword
+answered with the closest valid one.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
+import inspect
 import math
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
@@ -65,6 +71,28 @@ def float_in(lo: float | None = None, hi: float | None = None, lo_open: bool = F
 
     convert.__name__ = expected
     return convert
+
+
+def number_list(cast, ok, expected: str):
+    """An argparse/YAML type: `a,b` (or a YAML list) -> [cast(a), cast(b)], each passing `ok`."""
+
+    def convert(text: Any) -> list:
+        items = text if isinstance(text, list) else str(text).split(",")
+        try:
+            values = [cast(x) for x in items]
+        except ValueError:
+            values = []
+        if not values or not all(ok(v) for v in values):
+            raise argparse.ArgumentTypeError(f"expected {expected}, found {text!r}")
+        return values
+
+    convert.__name__ = expected
+    return convert
+
+
+STEP_COUNTS = number_list(int, lambda c: c >= 1, "step counts >= 1 separated by commas (e.g. 300,200)")
+POSITIVE_WEIGHTS = number_list(float, lambda w: 0 < w < float("inf"), "comma-separated positive numbers")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class Repeated(argparse.Action):
@@ -220,3 +248,54 @@ def _config_path(argv: Sequence[str]) -> str | None:
         if arg.startswith("--config="):
             return arg.split("=", 1)[1]
     return None
+
+
+# -- typed config objects ------------------------------------------------------------------------------------
+class ConfigBase:
+    """A command's options as a typed object (see `config_class`): `command` names the command, `values()` gives
+    `{dest: value}` with every value checked, and construction already checks what it was given."""
+
+    command: str = ""
+    _parser: Any = None  # the parser the class was made from
+
+    def values(self) -> dict[str, Any]:
+        """Every option's value, checked like a flag (assignments after construction included); the required
+        options must be set."""
+        name, parser = type(self).__name__, type(self)._parser
+        values = check_values(parser, dataclasses.asdict(self), lambda key: name)
+        missing = [a.dest for a in parser._actions if a.required and values.get(a.dest) is None]
+        if missing:
+            raise LmdistillError(f"{name}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required.")
+        return values
+
+
+def config_class(name: str, command: str, parser: argparse.ArgumentParser, module: str) -> type:
+    """A dataclass with one field per option of `parser` (its dest, default and help), named `name`. Keywords are
+    checked on construction: an unknown one names the closest valid option, a value goes through its option's type,
+    range and choices, with the messages a recipe gets (`DistillConfig: 'alpha': expected ...`)."""
+    actions = [a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")]
+    fields = [(a.dest, Any, dataclasses.field(default=a.default, metadata={"help": a.help or ""})) for a in actions]
+    doc = f"Options of `lmdistill {command}` (see `lmdistill {command} --help`):\n\n" + "\n".join(
+        f"    {a.dest} = {a.default!r}: {a.help}" for a in actions)
+
+    def __post_init__(self) -> None:
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if getattr(self, f.name) is not f.default}
+        check_values(parser, given, lambda key: name)
+
+    cls = dataclasses.make_dataclass(name, fields, bases=(ConfigBase,), namespace={
+        "__doc__": doc, "command": command, "_parser": parser, "__post_init__": __post_init__})
+    cls.__module__ = module
+    init = cls.__init__
+    valid = [a.dest for a in actions]
+
+    def checked_init(self, *args, **kwargs):
+        unknown = next((k for k in kwargs if k not in valid), None)
+        if unknown is not None:
+            raise LmdistillError(f"{name}: unknown option '{unknown}'{closest(unknown, valid)}. "
+                                 f"`help({name})` lists every option.")
+        init(self, *args, **kwargs)
+
+    checked_init.__signature__ = inspect.signature(init)  # help() and IDEs show the fields
+    cls.__init__ = checked_init
+    return cls

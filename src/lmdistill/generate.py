@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
         def model_generate(on_batch):
             generate_replies(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                             device=device, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                             device=device, temperature=args.temperature, top_p=args.top_p, sample_top_k=args.top_k,
                              on_batch=on_batch, description="generate", backend=args.generation_backend)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0, new_tokens, cut = time.perf_counter(), 0, 0

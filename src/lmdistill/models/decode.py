@@ -23,14 +23,14 @@ from torch import Tensor
 NUCLEUS_PROBE = 64  # top-p: how many of the most likely tokens are looked at before sorting the whole row
 
 
-def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+def sample_next(logits: Tensor, temperature: float, sample_top_k: int, top_p: float) -> Tensor:
     """Next tokens [B] from last-position logits [B, V]: argmax at temperature 0, else sampled after
     temperature, top-k and nucleus (top-p) truncation, in `generate`'s order."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, -1).values[:, -1:]
+    if 0 < sample_top_k < logits.shape[-1]:
+        kth = logits.topk(sample_top_k, -1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -torch.inf)
     probs = logits.softmax(-1)
     return _draw(probs) if top_p >= 1.0 else _nucleus(probs, top_p)
@@ -88,7 +88,7 @@ class Stepper:
 
 @torch.no_grad()
 def decode(model, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, stop_ids: Sequence[int],
-           pad_token_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+           pad_token_id: int, temperature: float = 0.0, sample_top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """New tokens [B, <= max_new_tokens] after left-padded prompts [B, T]; rows that stopped are padded with
     `pad_token_id` after their stop token, and the loop ends when every row has stopped (on every process, for a
     model sharded by FSDP2: `all_done`)."""
@@ -99,7 +99,7 @@ def decode(model, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     new_tokens = []
     for step in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_k, top_p)
+        token = sample_next(logits, temperature, sample_top_k, top_p)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         new_tokens.append(token)
         finished |= torch.isin(token, stops)

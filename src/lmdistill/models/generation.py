@@ -59,13 +59,13 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
 def generate_replies(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                      batch_size: int = 16, device=None, eos_token_ids: Sequence[int] | None = None,
                      progress: bool = True, description: str = "generating", temperature: float = 0.0,
-                     top_p: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0, sample_top_k: int = 0,
                      on_batch: Callable[[list[int], list[Reply]], None] | None = None,
                      backend: str = "auto") -> list[Reply]:
     """Replies to token-id `prompts`, `batch_size` prompts at a time, with a progress bar (tokens/s) on stderr.
 
-    `temperature` 0 is greedy; above 0 samples (with `top_p` nucleus and `top_k` truncation; torch's global RNG,
-    so seed it for repeatable samples). `on_batch(indices, replies)` is called after each batch with the prompts'
+    `temperature` 0 is greedy; above 0 samples (with `top_p` nucleus and `sample_top_k` truncation; torch's global
+    RNG, so seed it for repeatable samples). `on_batch(indices, replies)` is called after each batch with the prompts'
     indices and their replies (e.g. to write them out as they come). `backend`: "lean" (`models.decode`), "hf"
     (`transformers`' `generate`), or "auto": whichever benchmarks/generation.py measured faster -- lean on CPU
     (greedy 1.06-1.12x, temperature sampling 1.32-1.83x, top-p 0.99-1.07x), generate on GPU (not measured there
@@ -76,16 +76,16 @@ def generate_replies(model, tokenizer, prompts: Sequence[Sequence[int]], max_new
     if max_new_tokens < 1 or batch_size < 1:
         raise LmdistillError(f"max_new_tokens and batch_size must be at least 1, found {max_new_tokens} and "
                              f"{batch_size}.")
-    if not (temperature >= 0 and 0 < top_p <= 1 and top_k >= 0):
-        raise LmdistillError(f"sampling: expected temperature >= 0, top_p in (0, 1] and top_k >= 0; found "
-                             f"{temperature}, {top_p}, {top_k}.")
+    if not (temperature >= 0 and 0 < top_p <= 1 and sample_top_k >= 0):
+        raise LmdistillError(f"sampling: expected temperature >= 0, top_p in (0, 1] and sample_top_k >= 0; found "
+                             f"{temperature}, {top_p}, {sample_top_k}.")
     if any(len(p) == 0 for p in prompts):
         raise LmdistillError("generate_replies: an empty prompt; every prompt needs at least one token.")
     stops = list(eos_token_ids) if eos_token_ids is not None else stop_token_ids(tokenizer, model)
     if not stops:
         raise LmdistillError("the tokenizer has no EOS token and no <|im_end|>: replies would never stop.")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None) if temperature > 0 \
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=sample_top_k or None) if temperature > 0 \
         else dict(do_sample=False)
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, use_cache=True,
                               **sampling)
@@ -105,7 +105,7 @@ def generate_replies(model, tokenizer, prompts: Sequence[Sequence[int]], max_new
             input_ids, attention_mask = left_pad([prompts[i] for i in batch], pad)
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             if lean:
-                new = decode(model, input_ids, attention_mask, max_new_tokens, stops, pad, temperature, top_k, top_p)
+                new = decode(model, input_ids, attention_mask, max_new_tokens, stops, pad, temperature, sample_top_k, top_p)
             else:
                 new = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                      synced_gpus=is_sharded(model))[:, input_ids.shape[1]:]

@@ -52,16 +52,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     Dense models: active == total. Works on the meta device.
     """
     config = getattr(model, "config", None)
-    top_k = getattr(config, "num_experts_per_tok", None)
+    active_experts = getattr(config, "num_experts_per_tok", None)
     n_experts = num_experts(config)
     total = experts = 0
     for name, param in model.named_parameters():
         total += param.numel()
         if "experts" in name.split("."):
             experts += param.numel()
-    if not (experts and top_k and n_experts):
+    if not (experts and active_experts and n_experts):
         return total, total
-    return total, total - experts + experts * top_k // n_experts
+    return total, total - experts + experts * active_experts // n_experts
 
 
 def format_count(n: int) -> str:

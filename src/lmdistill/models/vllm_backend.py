@@ -94,14 +94,15 @@ class VllmGenerator:
             self.llm.reset_prefix_cache()
 
     def replies(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
-                top_p: float = 1.0, top_k: int = 0, stops: Sequence[int] = (), seeds: Sequence[int] | None = None
+                top_p: float = 1.0, sample_top_k: int = 0, stops: Sequence[int] = (), seeds: Sequence[int] | None = None
                 ) -> list[Reply]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         seeds = list(seeds) if seeds is not None else [None] * len(prompts)
         params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                 **({"top_k": top_k} if top_k > 0 else {}), stop_token_ids=list(stops), seed=s)
+                                 **({"top_k": sample_top_k} if sample_top_k > 0 else {}), stop_token_ids=list(stops),
+                                 seed=s)
                   for s in seeds]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         return [self._reply(o.outputs[0], set(stops)) for o in outputs]

@@ -119,11 +119,11 @@ def make_data(out: Path, recipe: Recipe, seed: int, clock: Clock) -> dict:
 def run_training(config) -> float:
     """One Trainer run of a `TrainConfig`/`DistillConfig`; returns its seconds. A Ctrl-C that stopped the run
     stops the quickstart too."""
-    from lmdistill.api import to_args
+    from lmdistill.api import plan
     from lmdistill.train.loop import Trainer
 
     start = time.perf_counter()
-    trainer = Trainer(to_args(config))
+    trainer = Trainer(plan(config))
     trainer.train()  # restores the caller's SIGINT/SIGTERM handlers when it returns
     if trainer.stop_signal:
         raise KeyboardInterrupt

@@ -4,8 +4,9 @@
     teacher.vocab_size               # the real tokens compared (padded embedding rows excluded)
     teacher.k                        # None, or the top-k its scores are exact within (an offline cache)
 
-Sources (one file each): an online HF model (`online.py`), the offline top-k cache (`cache.py`), an ensemble of
-teachers (`ensemble.py`). A new kind of teacher is a new subclass; nothing else needs to change.
+Kinds (one file each): an online HF model (`online.py`), the offline top-k cache (`cache.py`), a teacher with its
+own tokenizer (`cross_tokenizer.py`), an ensemble of teachers (`ensemble.py`). A new kind of teacher is a new
+subclass plus its `TeacherKind` registered in `lmdistill.teachers.registry`; nothing else needs to change.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ class Teacher:
     k: int | None = None
     # True when it can score only the examples it was built from (a cache), not any text (eval data)
     offline: bool = False
+    # the output rows of its model (a padded lm_head may have more than the vocabulary); None without a model, when
+    # vocab_size is what it has
+    rows: int | None = None
 
-    def score(self, batch: dict) -> TeacherScores:  # pragma: no cover - interface
-        """Scores of `batch` (input_ids, attention_mask, labels [B, T]; example_index for offline teachers) at
-        its trained positions, under no grad; called under the training step's autocast context."""
+    def score(self, batch) -> TeacherScores:  # pragma: no cover - interface
+        """Scores of `batch` (a `lmdistill.data.batch.Batch`: input_ids, attention_mask, labels [B, T];
+        example_index for offline teachers) at its trained positions, under no grad; called under the training
+        step's autocast context."""
         raise NotImplementedError
 
     def members(self) -> list["Teacher"]:

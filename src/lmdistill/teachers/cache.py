@@ -31,9 +31,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from lmdistill.config import Repeated
 from lmdistill.errors import LmdistillError
 from lmdistill.losses.scores import TeacherScores
 from lmdistill.teachers.base import Teacher
+from lmdistill.teachers.registry import (FULL_VOCABULARY, HIDDEN_STATES, SCORES_NEW_TEXT, STEPS_TOKENS, BuildContext,
+                                         TeacherKind, TeacherSpec, register_teacher_kind)
 
 FORMAT = "lmdistill-teacher-cache"
 VERSION = 1
@@ -178,8 +181,8 @@ class CachedTeacher(Teacher):
         self.vocab_size, self.k = cache.vocab_size, top_k or cache.k
         self.name = name or f"cache {cache.folder}"
 
-    def score(self, batch: dict) -> TopKTeacher:
-        return self.cache.rows(batch["example_index"], self.top_k).to(batch["input_ids"].device)
+    def score(self, batch) -> TopKTeacher:
+        return self.cache.rows(batch.example_index, self.top_k).to(batch.input_ids.device)
 
     def check_examples(self, examples) -> None:
         self.cache.check_examples(examples)
@@ -257,6 +260,7 @@ def _write_cache(teacher: Teacher, tokenizer, examples: Sequence[dict], folder: 
     from safetensors.torch import save_file
 
     from lmdistill.data import pad_batch, shift_labels
+    from lmdistill.data.batch import Batch
     from lmdistill.progress import Progress
 
     folder.mkdir(parents=True)
@@ -281,8 +285,8 @@ def _write_cache(teacher: Teacher, tokenizer, examples: Sequence[dict], folder: 
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             batch_ex = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
-            batch = {k: v.to(device) for k, v in pad_batch(batch_ex, tokenizer.pad_token_id).items()}
-            positions = (shift_labels(batch["labels"]).reshape(-1) != -100).nonzero().squeeze(1)
+            batch = Batch.of(pad_batch(batch_ex, tokenizer.pad_token_id), device, list(range(start, start + len(batch_ex))))
+            positions = (shift_labels(batch.labels).reshape(-1) != -100).nonzero().squeeze(1)
             v, i, lse = _topk_rows(teacher.score(batch), positions, top_k, vocab)
             buf["logits"].append(v)
             buf["ids"].append(i)
@@ -301,3 +305,76 @@ def _write_cache(teacher: Teacher, tokenizer, examples: Sequence[dict], folder: 
     info = {"format": FORMAT, "version": VERSION, **meta, "top_k": top_k, "vocab_size": vocab,
             "examples": len(examples), "positions": offsets[-1], "temperature_of_lse": 1.0, "shards": shards}
     (folder / META_FILE).write_text(json.dumps(info, indent=2))
+
+
+@register_teacher_kind
+class CachedKind(TeacherKind):
+    """`--teacher_cache DIR` (repeatable): the offline top-k cache of `lmdistill cache-teacher`."""
+
+    name = "cached"
+    lacks = {
+        SCORES_NEW_TEXT: "a teacher cache holds scores of the dataset's replies only and cannot score replies the "
+                         "student writes",
+        STEPS_TOKENS: "a teacher cache cannot score the replies the student samples",
+        HIDDEN_STATES: "a teacher cache holds no hidden states (only its top-k logits)",
+    }
+
+    @staticmethod
+    def declare(add) -> None:
+        add("--teacher_cache", action=Repeated, default=None, metavar="DIR",
+            help="a folder made by `lmdistill cache-teacher`, read instead of running a teacher; repeat for an "
+                 "ensemble")
+
+    @classmethod
+    def specs(cls, values) -> list[TeacherSpec]:
+        return [TeacherSpec(cls.name, str(c), "--teacher_cache") for c in values["teacher_cache"] or []]
+
+    @classmethod
+    def capabilities_for(cls, spec: TeacherSpec) -> frozenset[str]:
+        if not (Path(spec.ref) / META_FILE).is_file():  # not a cache: its own check says so, after the options'
+            return frozenset()
+        meta = read_meta(spec.ref)
+        return frozenset({FULL_VOCABULARY}) if int(meta["top_k"]) >= int(meta["vocab_size"]) else frozenset()
+
+    @classmethod
+    def why_lacks(cls, spec: TeacherSpec, capability: str) -> str | None:
+        if capability != FULL_VOCABULARY:
+            return super().why_lacks(spec, capability)
+        meta = read_meta(spec.ref)
+        return (f"--teacher_cache '{spec.ref}' holds only the top {int(meta['top_k'])} of "
+                f"{int(meta['vocab_size']):,} tokens per position: an ensemble needs every logit of each member (the "
+                f"ids a cache did not keep have none). Cache the whole vocabulary (`cache-teacher --top_k "
+                f"{int(meta['vocab_size'])}`) or use online teachers.")
+
+    @classmethod
+    def check(cls, spec: TeacherSpec, values) -> None:
+        from lmdistill.losses.divergences import NEEDS_TAIL_BUCKET, canonical_divergence
+
+        meta = read_meta(spec.ref)
+        k, top_k = int(meta["top_k"]), values["top_k"]
+        if top_k is not None and top_k > k:
+            raise LmdistillError(f"--top_k: the teacher cache '{spec.ref}' holds the top {k} tokens per position; "
+                                 f"expected --top_k <= {k}, found {top_k}.")
+        start, end = values["temperature"], values["temperature_end"]
+        temperatures = {start, start if end is None else end}
+        if (canonical_divergence(values["divergence"]) in NEEDS_TAIL_BUCKET and temperatures != {1.0}
+                and (top_k or k) < int(meta["vocab_size"])):
+            raise LmdistillError(f"--divergence {values['divergence']} with --teacher_cache needs --temperature 1 and "
+                                 f"no --temperature_end (found {start} -> {end}): the cache knows the teacher's "
+                                 "remaining mass only at T=1.")
+
+    @classmethod
+    def tokenizer_dir(cls, spec: TeacherSpec) -> str | None:
+        return str(Path(spec.ref) / "tokenizer")
+
+    @classmethod
+    def shape(cls, spec: TeacherSpec, ctx: BuildContext) -> list:
+        from lmdistill.models.shapes import TeacherShape
+
+        meta = read_meta(spec.ref)
+        size = sum((Path(spec.ref) / s["file"]).stat().st_size for s in meta["shards"])
+        return [TeacherShape(spec.ref, cache_bytes=size, top_k=ctx.loss_top_k or int(meta["top_k"]))]
+
+    @classmethod
+    def build(cls, spec: TeacherSpec, ctx: BuildContext) -> CachedTeacher:
+        return CachedTeacher(TeacherCache(spec.ref), ctx.loss_top_k, name=spec.label)

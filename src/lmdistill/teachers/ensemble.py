@@ -22,9 +22,12 @@ import math
 import torch
 from torch import Tensor
 
+from lmdistill.config import POSITIVE_WEIGHTS
 from lmdistill.errors import LmdistillError
 from lmdistill.losses.scores import TeacherScores
 from lmdistill.teachers.base import Teacher
+from lmdistill.teachers.registry import (FULL_VOCABULARY, HIDDEN_STATES, SCORES_NEW_TEXT, STEPS_TOKENS, BuildContext,
+                                         TeacherKind, TeacherSpec, members_have, register_teacher_kind, why_not)
 
 MODES = ("logits", "probs")
 
@@ -95,7 +98,7 @@ class EnsembleTeacher(Teacher):
         self.vocab_size, self.name = members[0].vocab_size, "ensemble"
         self.offline = any(m.offline for m in members)
 
-    def score(self, batch: dict) -> EnsembleScores:
+    def score(self, batch) -> EnsembleScores:
         return EnsembleScores([m.score(batch) for m in self._members], self.weights, self.mode)
 
     def members(self) -> list[Teacher]:
@@ -125,3 +128,55 @@ class EnsembleTeacher(Teacher):
     def describe(self) -> str:
         parts = ", ".join(f"{m.name} x {w:.3g}" for m, w in zip(self._members, self.weights))
         return f"ensemble of {len(self._members)} ({self.mode}): {parts}"
+
+
+@register_teacher_kind
+class EnsembleKind(TeacherKind):
+    """Several teachers (`--teacher` and `--teacher_cache`, any mix) as one: `--teacher_weights`, `--ensemble`."""
+
+    name, wraps = "ensemble", True
+    lacks = {HIDDEN_STATES: "the hidden states of which teacher? Feature distillation takes one --teacher "
+                            "(ensembles distill logits only)"}
+
+    @staticmethod
+    def declare(add) -> None:
+        add("--teacher_weights", type=POSITIVE_WEIGHTS, default=None, metavar="W1,W2,...",
+            help="ensemble weights, one per teacher (--teacher ones first, then --teacher_cache ones), normalized to "
+                 "sum to 1 (default: equal)")
+        add("--ensemble", default="logits", choices=list(MODES),
+            help="how several teachers combine: logits = weighted mean of their logits (BabyLlama), probs = weighted "
+                 "mixture of their distributions")
+
+    @classmethod
+    def wrap(cls, specs: list[TeacherSpec], values) -> list[TeacherSpec]:
+        weights = values["teacher_weights"]
+        if weights is not None and len(weights) != len(specs):
+            raise LmdistillError(f"--teacher_weights: expected {len(specs)} weights (one per teacher: --teacher ones "
+                                 f"first, then --teacher_cache ones), found {len(weights)}.")
+        refs = [s.ref for s in specs]
+        repeated = sorted({r for r in refs if refs.count(r) > 1})
+        if repeated:
+            raise LmdistillError(f"teacher '{repeated[0]}' is given more than once; give each teacher once and weight "
+                                 "it with --teacher_weights.")
+        if len(specs) < 2:
+            return specs
+        settings = (("weights", None if weights is None else tuple(weights)), ("mode", values["ensemble"]))
+        return [TeacherSpec(cls.name, members=tuple(specs), settings=settings)]
+
+    @classmethod
+    def capabilities_for(cls, spec: TeacherSpec) -> frozenset[str]:
+        return frozenset().union(*(members_have(spec, c) for c in (SCORES_NEW_TEXT, FULL_VOCABULARY, STEPS_TOKENS)))
+
+    @classmethod
+    def check(cls, spec: TeacherSpec, values) -> None:
+        reason = why_not(spec, FULL_VOCABULARY)
+        if reason is not None:
+            raise LmdistillError(reason)
+
+    @classmethod
+    def build(cls, spec: TeacherSpec, ctx: BuildContext) -> EnsembleTeacher:
+        weights = spec.get("weights")
+        ensemble = EnsembleTeacher(ctx.members, None if weights is None else list(weights), spec.get("mode"))
+        if ctx.is_main:
+            print(ensemble.describe())
+        return ensemble

@@ -1,19 +1,38 @@
-"""Batch sources: where each optimizer step's token sequences come from. The trainer asks `batches(step)` for
-this process's micro-batches of a step and nothing else, so a new source (e.g. on-policy: the student writes the
-replies) is a new class here, not a change to the trainer.
+"""Batch sources: where each optimizer step's token sequences come from, as registered parts.
 
-`DatasetStream` is today's source: one seeded, epoch-by-epoch shuffled stream of the tokenized examples, where
-the step number alone fixes which examples a step takes (resume is exact without saving a data-loader state).
-Process `rank` of `world` takes micro-batch m of step s as examples [(m * world + rank) * bs, ...) of the step.
+The trainer asks its source for `batches(step)` (this process's micro-batches of a step, `lmdistill.data.batch.Batch`)
+and nothing else. Each kind of source is a `SourceKind` registered here, which declares
+
+- its options (`declare(add)`) and when the run uses it (`selected(values)`; the latest registered kind that is
+  selected wins, the dataset stream is the fallback),
+- what it needs: the data it reads (`data_mode`), the teacher capabilities it needs (`check`), the objective it
+  trains with (`objective`), whether it generates (`generation`, for the dry run),
+- how to build it over the dataset stream (`build(plan, dataset, trainer)`).
+
+    @register_source
+    class Reversed(SourceKind):
+        name = "reversed"
+        @staticmethod
+        def declare(add): add("--reverse_replies", action="store_true", help="...")
+        @classmethod
+        def selected(cls, values): return values.get("reverse_replies", False)
+        @classmethod
+        def build(cls, plan, dataset, trainer): return MyStream(dataset)
+
+`DatasetStream` is one seeded, epoch-by-epoch shuffled stream of the tokenized examples, where the step number
+alone fixes which examples a step takes (resume is exact without saving a data-loader state). Process `rank` of
+`world` takes micro-batch m of step s as examples [(m * world + rank) * bs, ...) of the step.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
 from lmdistill.data import pad_batch
+from lmdistill.data.batch import Batch, TeacherTokens
+from lmdistill.errors import LmdistillError
 
 
 class ExampleStream:
@@ -30,13 +49,14 @@ class ExampleStream:
 
 
 class BatchSource:
-    """This process's micro-batches of an optimizer step: dicts of input_ids, attention_mask, labels [B, T] on
-    the device, plus `example_index` (the examples' indices, for offline teachers). `last_stats` holds what the
-    source reports about the step it built last (logged with the step's metrics)."""
+    """This process's micro-batches of an optimizer step (`Batch`es on the device). `last_stats` holds what the
+    source reports about the step it built last (logged with the step's metrics); `groups` the objective's token
+    groups its batches belong to (each normalized by its own token count), fixed for the run."""
 
     last_stats: dict = {}
+    groups: tuple = (None,)
 
-    def batches(self, step: int) -> list[dict]:  # pragma: no cover - interface
+    def batches(self, step: int) -> list[Batch]:  # pragma: no cover - interface
         raise NotImplementedError
 
 
@@ -52,13 +72,12 @@ class DatasetStream(BatchSource):
         """Examples per optimizer step over all processes."""
         return self.batch_size * self.accumulation * self.world
 
-    def batches(self, step: int) -> list[dict]:
+    def batches(self, step: int) -> list[Batch]:
         bs, base, out = self.batch_size, step * self.per_step, []
         for m in range(self.accumulation):
             first = base + (m * self.world + self.rank) * bs
             indices = [self.stream[i] for i in range(first, first + bs)]
-            padded = pad_batch([self.examples[i] for i in indices], self.pad)
-            out.append({**{k: v.to(self.device) for k, v in padded.items()}, "example_index": indices})
+            out.append(Batch.of(pad_batch([self.examples[i] for i in indices], self.pad), self.device, indices))
         return out
 
 
@@ -69,14 +88,119 @@ class CrossTokenizerStream(BatchSource):
     def __init__(self, dataset: DatasetStream, teacher_pad: int):
         self.dataset, self.teacher_pad = dataset, teacher_pad
 
-    def batches(self, step: int) -> list[dict]:
+    def batches(self, step: int) -> list[Batch]:
         from lmdistill.data.cross_tokenizer import cross_batch_fields
 
         out, aligned = [], 0
         for batch in self.dataset.batches(step):
-            examples = [self.dataset.examples[i] for i in batch["example_index"]]
-            fields = cross_batch_fields(examples, batch["input_ids"].shape[1], self.teacher_pad, self.dataset.device)
+            examples = [self.dataset.examples[i] for i in batch.example_index]
+            fields = cross_batch_fields(examples, batch.input_ids.shape[1], self.teacher_pad, self.dataset.device)
             aligned += len(fields["student_rows"])
-            out.append({**batch, **fields})
+            side = TeacherTokens(fields["teacher_input_ids"], fields["teacher_attention_mask"], fields["teacher_rows"],
+                                 fields["student_rows"])
+            out.append(batch.with_(teacher_tokens=side))
         self.last_stats = {"aligned_tokens": aligned}
         return out
+
+
+# -- the registry --------------------------------------------------------------------------------------------
+class SourceKind:
+    """A kind of batch source (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    objective: ClassVar[str] = "kd"  # what `distill` minimizes on its batches (`lmdistill.train.objectives`)
+
+    @staticmethod
+    def declare(add: Callable) -> None:
+        """Add this source's options to `lmdistill distill`."""
+
+    @classmethod
+    def selected(cls, values: Mapping[str, Any]) -> bool:
+        return False
+
+    @classmethod
+    def data_mode(cls, values: Mapping[str, Any]) -> str:
+        """examples (tokenized replies) | prompts (every reply is the student's) | cross (both tokenizations)."""
+        return "examples"
+
+    @classmethod
+    def generates(cls, values: Mapping[str, Any]) -> bool:
+        """Whether the student writes replies (the run needs a generator; the dry run counts its memory)."""
+        return False
+
+    @classmethod
+    def check(cls, values: Mapping[str, Any], teacher) -> None:
+        """Checks that need no model, e.g. the teacher capabilities the source needs (`teacher`: its spec tree)."""
+
+    @classmethod
+    def settings(cls, values: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+        """What the plan keeps for `build` (`SourcePlan.get(key)`)."""
+        return ()
+
+    @classmethod
+    def build(cls, plan, dataset: DatasetStream, trainer) -> BatchSource:
+        """The source over the dataset stream. `trainer` gives `teacher`, `tokenizer`, `generator` (the student's
+        replies: `trainer.generator.replies(prompts)`), `unwrapped()` (the student) and `device`."""
+        return dataset
+
+
+SOURCES: dict[str, type[SourceKind]] = {}
+_VERSION = [0]
+
+
+def register_source(kind: type[SourceKind]) -> type[SourceKind]:
+    """Register (or replace) a batch source kind; usable as a class decorator."""
+    if not kind.name:
+        raise LmdistillError(f"{kind.__name__}: a batch source kind needs a name.")
+    SOURCES[kind.name] = kind
+    _VERSION[0] += 1
+    return kind
+
+
+def unregister_source(name: str) -> None:
+    """Remove a registered source kind (a plugin's, a test's)."""
+    SOURCES.pop(name, None)
+    _VERSION[0] += 1
+
+
+def registry_version() -> int:
+    return _VERSION[0]
+
+
+def selected_source(values: Mapping[str, Any]) -> type[SourceKind]:
+    """The run's source kind: the latest registered one that is selected (the dataset stream when none is)."""
+    for kind in reversed(list(SOURCES.values())):
+        if kind.selected(values):
+            return kind
+    return SOURCES["dataset"]
+
+
+def declare_source_options(add: Callable) -> None:
+    for kind in SOURCES.values():
+        kind.declare(add)
+
+
+@register_source
+class DatasetSource(SourceKind):
+    """The dataset's own replies (every run without another source)."""
+
+    name = "dataset"
+
+
+@register_source
+class CrossTokenizerSource(SourceKind):
+    """`--cross_tokenizer`: each batch also carries the teacher's tokenization of its examples."""
+
+    name, objective = "cross_tokenizer", "cross_tokenizer"
+
+    @classmethod
+    def selected(cls, values) -> bool:
+        return bool(values.get("cross_tokenizer"))
+
+    @classmethod
+    def data_mode(cls, values) -> str:
+        return "cross"
+
+    @classmethod
+    def build(cls, plan, dataset: DatasetStream, trainer) -> BatchSource:
+        return CrossTokenizerStream(dataset, trainer.teacher.pad_token_id)

@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from lmdistill.data import pad_batch, shift_labels
+from lmdistill.data.batch import Batch
 from lmdistill.models import forward_hidden, lm_head_of
 
 EVAL_CHUNK_TOKENS = 256
@@ -77,11 +78,11 @@ def evaluate_lm(model, examples: Sequence[dict], tokenizer, teacher=None, batch_
             break
         batch_ex = examples[start : start + batch_size]
         used.extend(batch_ex)
-        batch = {k: v.to(device) for k, v in pad_batch(batch_ex, tokenizer.pad_token_id).items()}
-        batch["example_index"] = list(range(start, start + len(batch_ex)))  # for teachers that read caches
-        ys = shift_labels(batch["labels"]).reshape(-1)
+        # example_index: for teachers that read caches
+        batch = Batch.of(pad_batch(batch_ex, tokenizer.pad_token_id), device, list(range(start, start + len(batch_ex))))
+        ys = shift_labels(batch.labels).reshape(-1)
         positions = (ys != -100).nonzero().squeeze(1)
-        h = forward_hidden(model, batch["input_ids"], batch["attention_mask"]).hidden.reshape(-1, head.weight.shape[1])
+        h = forward_hidden(model, batch.input_ids, batch.attention_mask).hidden.reshape(-1, head.weight.shape[1])
         scores = [] if teacher is None else [("", teacher.score(batch))]
         scores += [(f"_{i + 1}", m.score(batch)) for i, m in enumerate(members)]
         for s in range(0, len(positions), EVAL_CHUNK_TOKENS):

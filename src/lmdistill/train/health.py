@@ -58,32 +58,41 @@ def direction(metric: str) -> str | None:
     return "min" if base in LOWER_IS_BETTER else "max" if base in HIGHER_IS_BETTER else None
 
 
-def logged_metrics(args) -> list[str]:
-    """The eval metrics a run's evaluations log that have a direction (what --keep_best may name)."""
+def logged_metrics(command: str, teacher=None) -> list[str]:
+    """The eval metrics a run's evaluations log that have a direction (what --keep_best may name): KL and
+    agreement need a teacher that scores the student's tokens (not one with its own tokenization), per member too."""
+    from lmdistill.teachers.registry import OWN_TOKENIZATION, capabilities_of
+
     names = ["ce", "ppl", "bits_per_byte"]
-    if args.command == "distill" and not getattr(args, "cross_tokenizer", None):
+    if command == "distill" and teacher is not None and OWN_TOKENIZATION not in capabilities_of(teacher):
         names += ["kl_to_teacher", "agreement"]
-        n = len(args.teacher or []) + len(args.teacher_cache or [])
+        n = len(teacher.leaves()) if teacher.members else 1
         names += [f"{m}_{i}" for i in range(1, n + 1) for m in ("kl_to_teacher", "agreement")] if n > 1 else []
     return names
 
 
-def check_options(args) -> None:
-    """Pre-flight: --keep_best / --early_stopping_* need evaluations during the run and a metric it logs."""
-    patience, delta = getattr(args, "early_stopping_patience", 0), getattr(args, "early_stopping_min_delta", 0.0)
-    if getattr(args, "keep_best", None) is None and not patience:
+def check_options(values, command: str, teacher=None):
+    """Pre-flight: --keep_best / --early_stopping_* need evaluations during the run and a metric it logs; returns
+    the run's `HealthPlan`."""
+    from lmdistill.train.plan import HealthPlan
+
+    v = values
+    keep_best, patience, delta = v["keep_best"], v["early_stopping_patience"], v["early_stopping_min_delta"]
+    names = logged_metrics(command, teacher)
+    plan = HealthPlan(keep_best, patience, delta, bool(v["strict_health"]), tuple(names))
+    if keep_best is None and not patience:
         if delta:
             raise LmdistillError("--early_stopping_min_delta: applies to early stopping; add "
                                  "--early_stopping_patience K (stop after K evaluations without such a gain).")
-        return
-    flag = "--keep_best" if args.keep_best is not None else "--early_stopping_patience"
-    if not args.eval_data:
+        return plan
+    flag = "--keep_best" if keep_best is not None else "--early_stopping_patience"
+    if not v["eval_data"]:
         raise LmdistillError(f"{flag}: chooses by held-out metrics; it needs --eval_data FILE (held-out data) and "
                              "--eval_interval N (evaluate every N steps).")
-    if not args.eval_interval:
+    if not v["eval_interval"]:
         raise LmdistillError(f"{flag}: with --eval_interval 0 the run evaluates only at its end, leaving nothing to "
                              "choose from; pass --eval_interval N (evaluate every N steps).")
-    metric, names = args.keep_best or "ce", logged_metrics(args)
+    metric = keep_best or "ce"
     if metric not in names:
         why = (" (entropy and teacher_ce are logged but neither is better high or low)"
                if metric in ("entropy", "teacher_ce") else
@@ -91,15 +100,17 @@ def check_options(args) -> None:
                "--cross_tokenizer)" if direction(metric) else "")
         raise LmdistillError(f"--keep_best {metric}: not an eval metric this run logs with a known direction{why}; "
                              f"expected one of {', '.join(names)}.")
+    return plan
 
 
-def kd_bound(args) -> tuple[str, float] | None:
+def kd_bound(objective) -> tuple[str, float] | None:
     """(divergence, its largest value) for the bounded divergences the plateau check watches; None otherwise."""
     from lmdistill.losses.divergences import canonical_divergence
 
-    if getattr(args, "method", "kd") != "kd" or getattr(args, "cross_tokenizer", None):
+    if objective.name != "kd":
         return None
-    name, lam, beta = canonical_divergence(args.divergence), args.skew_lambda, args.jsd_beta
+    kd = objective.kd
+    name, lam, beta = canonical_divergence(kd.divergence), kd.skew_lambda, kd.jsd_beta
     if name == "jsd":
         return name, -beta * math.log(beta) - (1 - beta) * math.log(1 - beta)
     if name in ("skew_forward_kl", "skew_reverse_kl") and lam > 0:
@@ -196,14 +207,13 @@ def fresh_state(metric: str) -> dict:
 class Health:
     """Best model, early stopping and warnings of one run (see the module docstring); `state` is checkpointed."""
 
-    def __init__(self, args, total_steps: int, distilling: bool, eval_teacher: bool):
-        self.args, self.keep_best = args, getattr(args, "keep_best", None) is not None
-        self.metric = getattr(args, "keep_best", None) or "ce"
+    def __init__(self, plan, total_steps: int, distilling: bool, eval_teacher: bool):
+        h = plan.health
+        self.plan, self.keep_best = plan, h.keep_best is not None
+        self.metric = h.keep_best or "ce"
         self.mode = direction(self.metric)
-        self.patience = getattr(args, "early_stopping_patience", 0)
-        self.min_delta = getattr(args, "early_stopping_min_delta", 0.0)
-        self.strict = bool(getattr(args, "strict_health", False))
-        self.bound = kd_bound(args) if distilling else None
+        self.patience, self.min_delta, self.strict = h.patience, h.min_delta, h.strict
+        self.bound = kd_bound(plan.objective) if distilling else None
         self.kd_window = max(5, total_steps // 20)
         self.state = fresh_state(self.metric)
         self.log = None  # the run's MetricsLogger, set by the loop
@@ -246,7 +256,7 @@ class Health:
                 kd[2] = (kd[2] + [kd[0] / kd[1]])[-PLATEAU_WINDOWS - 1:]
                 kd[0], kd[1] = 0.0, 0
                 found.append(("kd_plateau", kd_plateau(kd[2], self.bound[0], self.bound[1], self.kd_window,
-                                                       self.args.alpha, st["last_eval"])))
+                                                       self.plan.objective.kd.alpha, st["last_eval"])))
         norm = stats.get("grad_norm")
         if norm is not None and not math.isnan(norm):
             norms, medians, losses = st["grad"][:3]

@@ -23,10 +23,13 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from lmdistill.config import float_in
 from lmdistill.data import IGNORE_INDEX, pad_batch
+from lmdistill.data.batch import Batch
 from lmdistill.errors import LmdistillError
 from lmdistill.losses.minillm import minillm_weights
-from lmdistill.train.batches import BatchSource, DatasetStream
+from lmdistill.teachers.registry import STEPS_TOKENS, why_not
+from lmdistill.train.batches import BatchSource, DatasetStream, SourceKind, register_source
 from lmdistill.train.on_policy import last_prompt
 
 
@@ -79,8 +82,8 @@ def sample_mixed(student, teacher, tokenizer, prompts: Sequence[Sequence[int]], 
 
 
 class MiniLLMStream(BatchSource):
-    """Per dataset micro-batch: the sampled batch (`objective` "minillm", with per-token `kd_weights` and
-    `ce_weights`) and, when lm_coef > 0, the dataset batch itself (`objective` "lm", `coef` lm_coef)."""
+    """Per dataset micro-batch: the sampled batch (group "minillm", with per-token `kd_weights` and `ce_weights`)
+    and, when lm_coef > 0, the dataset batch itself (group "lm", trained with lm_coef x CE)."""
 
     def __init__(self, dataset: DatasetStream, sample: Callable[[list], list[MixedReply]], lm_coef: float,
                  clip: float | None = 0.2):
@@ -92,20 +95,19 @@ class MiniLLMStream(BatchSource):
                                  "text, every token trained); MiniLLM samples replies to prompts: give conversations "
                                  "or prompt/completion records.")
 
-    def batches(self, step: int) -> list[dict]:
+    def batches(self, step: int) -> list[Batch]:
         out, stats, generated, cut, n = [], [], 0, 0, 0
         for batch in self.dataset.batches(step):
-            examples = [self.dataset.examples[i] for i in batch["example_index"]]
+            examples = [self.dataset.examples[i] for i in batch.example_index]
             prompts = [last_prompt(ex) for ex in examples]
             replies = self.sample(prompts)
             sampled = [{"input_ids": p + r.completion, "labels": [IGNORE_INDEX] * len(p) + r.completion}
                        for p, r in zip(prompts, replies)]
-            padded = {k: v.to(self.dataset.device) for k, v in pad_batch(sampled, self.dataset.pad).items()}
             weights = minillm_weights(*_token_table(replies), clip=self.clip)
-            out.append({**padded, "example_index": batch["example_index"], "objective": "minillm",
-                        "kd_weights": weights.kd, "ce_weights": weights.pg})
+            out.append(Batch.of(pad_batch(sampled, self.dataset.pad), self.dataset.device, batch.example_index,
+                                group="minillm", kd_weights=weights.kd, ce_weights=weights.pg))
             if self.lm_coef > 0:
-                out.append({**batch, "objective": "lm", "coef": self.lm_coef})
+                out.append(batch.with_(group="lm"))
             stats.append(weights.stats)
             generated += sum(len(r.token_ids) for r in replies)
             cut += sum(not r.finished for r in replies)
@@ -128,3 +130,73 @@ def _token_table(replies: list[MixedReply]) -> tuple[torch.Tensor, ...]:
                                                                  for x in (r.logq, r.logp, r.logmix))
         table[3, row, :k] = 1
     return table[0], table[1], table[2], table[3].bool()
+
+
+@register_source
+class MiniLLMSource(SourceKind):
+    """`--method minillm`: every step's replies sampled from the teacher-student mixture (and, with --lm_coef, the
+    dataset's replies as a second token group)."""
+
+    name, objective = "minillm", "minillm"
+
+    @staticmethod
+    def declare(add) -> None:
+        add("--teacher_mix_alpha", type=float_in(0, 1), default=0.2,
+            help="--method minillm: replies are sampled from alpha*teacher + (1-alpha)*student (0: the student "
+                 "alone)")
+        add("--lm_coef", type=float_in(0, None), default=1.0,
+            help="--method minillm: weight of the CE loss on the dataset's own replies (the paper's L_PT; 0: none)")
+        add("--minillm_clip", type=float_in(0, 1, hi_open=True), default=0.2,
+            help="--method minillm: importance weights q/(alpha*p+(1-alpha)*q) are clipped to [1-EPS, 1+EPS]")
+
+    @classmethod
+    def selected(cls, values) -> bool:
+        return values.get("method") == "minillm"
+
+    @classmethod
+    def data_mode(cls, values) -> str:
+        return "prompts" if values["lm_coef"] == 0 else "examples"
+
+    @classmethod
+    def generates(cls, values) -> bool:
+        return True
+
+    @classmethod
+    def check(cls, values, teacher) -> None:
+        """MiniLLM's objective is fixed (sequence-level reverse KL at T = 1, sampled from the teacher-student mixture
+        every step): options of the token-level objective that would change it are refused, not ignored."""
+        from lmdistill.losses.divergences import canonical_divergence
+
+        reason = None if teacher is None else why_not(teacher, STEPS_TOKENS)
+        if reason is not None:
+            raise LmdistillError(f"--method minillm: {reason}; use an online --teacher.")
+        v = values
+        conflicts = [
+            (v["on_policy_fraction"] > 0, f"--on_policy_fraction {v['on_policy_fraction']:g}",
+             "MiniLLM samples replies on every step"),
+            (canonical_divergence(v["divergence"]) not in ("forward_kl", "reverse_kl"), f"--divergence {v['divergence']}",
+             "MiniLLM minimizes the reverse KL"),
+            (v["temperature"] != 1.0 or v["temperature_end"] is not None, "--temperature/--temperature_end",
+             "MiniLLM's reverse KL is at temperature 1"),
+            (v["alpha"] != 0, f"--alpha {v['alpha']:g}", "the CE on the dataset replies is --lm_coef"),
+            (v["top_k"] is not None, f"--top_k {v['top_k']}", "the single-step reverse KL is exact over the vocabulary"),
+            (v["generation_temperature"] != 1.0 or v["generation_top_p"] != 1.0,
+             "--generation_temperature/--generation_top_p",
+             "MiniLLM samples from the teacher-student mixture at temperature 1 (its importance weights assume it)"),
+        ]
+        for bad, flag, why in conflicts:
+            if bad:
+                raise LmdistillError(f"{flag}: not used by --method minillm ({why}); drop it, or use --method kd.")
+        if v["generation_backend"] == "vllm":
+            raise LmdistillError("--generation_backend vllm: MiniLLM samples from the teacher-student mixture token by "
+                                 "token, which vLLM cannot; use --generation_backend auto.")
+
+    @classmethod
+    def build(cls, plan, dataset: DatasetStream, trainer) -> BatchSource:
+        o, gen = plan.objective, plan.source.generation
+
+        def sample(prompts):
+            return sample_mixed(trainer.unwrapped(), trainer.teacher, trainer.tokenizer, prompts, gen.max_new_tokens,
+                                o.teacher_mix_alpha, trainer.device)
+
+        return MiniLLMStream(dataset, sample, o.lm_coef, o.minillm_clip)

@@ -21,8 +21,12 @@ from __future__ import annotations
 import random
 from typing import Callable, Sequence
 
+from lmdistill.config import float_in
 from lmdistill.data import IGNORE_INDEX, pad_batch
-from lmdistill.train.batches import BatchSource, DatasetStream
+from lmdistill.data.batch import Batch
+from lmdistill.errors import LmdistillError
+from lmdistill.teachers.registry import SCORES_NEW_TEXT, why_not
+from lmdistill.train.batches import BatchSource, DatasetStream, SourceKind, register_source
 
 
 def last_prompt(example: dict) -> list[int]:
@@ -54,25 +58,59 @@ class OnPolicyStream(BatchSource):
     def on_policy(self, step: int) -> bool:
         return self.fraction >= 1 or (self.fraction > 0 and random.Random(f"{self.seed}:{step}").random() < self.fraction)
 
-    def batches(self, step: int) -> list[dict]:
+    def batches(self, step: int) -> list[Batch]:
         batches = self.dataset.batches(step)
         if not self.on_policy(step):
             self.last_stats = {"on_policy": False}
             return batches
         out, generated, cut, n = [], 0, 0, 0
         for batch in batches:
-            examples = [self.dataset.examples[i] for i in batch["example_index"]]
+            examples = [self.dataset.examples[i] for i in batch.example_index]
             prompts = [last_prompt(ex) for ex in examples]
             rows = [k for k, p in enumerate(prompts) if p]  # a text block has no prompt: it stays off-policy
             replies = self.generate([prompts[k] for k in rows]) if rows else []
             for k, reply in zip(rows, replies):
                 examples[k] = completion_example(prompts[k], reply)
-            padded = pad_batch(examples, self.dataset.pad)
-            out.append({**{k: v.to(self.dataset.device) for k, v in padded.items()},
-                        "example_index": batch["example_index"]})
+            out.append(Batch.of(pad_batch(examples, self.dataset.pad), self.dataset.device, batch.example_index))
             generated += sum(len(r.token_ids) for r in replies)
             cut += sum(not r.finished for r in replies)
             n += len(replies)
         self.last_stats = {"on_policy": True, "generated_tokens": generated,
                            "mean_completion_tokens": generated / max(n, 1), "cut_share": cut / max(n, 1)}
         return out
+
+
+@register_source
+class OnPolicySource(SourceKind):
+    """`--on_policy_fraction F > 0`: on a seeded share F of the steps the student writes the replies (GKD)."""
+
+    name = "on_policy"
+
+    @staticmethod
+    def declare(add) -> None:
+        add("--on_policy_fraction", type=float_in(0, 1), default=0.0,
+            help="share of optimizer steps whose replies the student writes itself (GKD's lambda; 1: fully "
+                 "on-policy, 0: the dataset's replies)")
+
+    @classmethod
+    def selected(cls, values) -> bool:
+        return values.get("on_policy_fraction", 0) > 0
+
+    @classmethod
+    def data_mode(cls, values) -> str:
+        return "prompts" if values["on_policy_fraction"] >= 1 else "examples"  # every reply is the student's
+
+    @classmethod
+    def generates(cls, values) -> bool:
+        return True
+
+    @classmethod
+    def check(cls, values, teacher) -> None:
+        reason = None if teacher is None else why_not(teacher, SCORES_NEW_TEXT)
+        if reason is not None:
+            raise LmdistillError(f"--on_policy_fraction: {reason}; use an online --teacher for on-policy "
+                                 "distillation (or --on_policy_fraction 0).")
+
+    @classmethod
+    def build(cls, plan, dataset: DatasetStream, trainer) -> BatchSource:
+        return OnPolicyStream(dataset, plan.source.on_policy_fraction, plan.schedule.seed, trainer.generator.replies)

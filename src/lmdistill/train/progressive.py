@@ -15,11 +15,10 @@ when it saved none). `lmdistill report OUT` shows every stage.
 
 from __future__ import annotations
 
-import argparse
-import copy
 import json
 import re
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 from lmdistill.errors import LmdistillError
 
@@ -32,78 +31,85 @@ def stage_name(ref: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def plan_stages(args: argparse.Namespace) -> list[dict]:
+def plan_stages(values: Mapping[str, Any]) -> list[dict]:
     """[{teacher, student, output_dir, max_steps, final}] from the run's options (checked before anything runs)."""
     from lmdistill.models.loading import check_model_ref
 
-    vias, out = list(args.via), Path(args.output_dir)
-    if args.teacher_cache or len(args.teacher or []) != 1:
+    vias, out = list(values["via"]), Path(values["output_dir"])
+    teachers, caches = values["teacher"] or [], values["teacher_cache"] or []
+    if caches or len(teachers) != 1:
         raise LmdistillError("--via: progressive distillation starts from one online --teacher (found "
-                             f"{len(args.teacher or [])} --teacher and {len(args.teacher_cache or [])} --teacher_cache); "
-                             "each later stage's teacher is the previous stage's model.")
+                             f"{len(teachers)} --teacher and {len(caches)} --teacher_cache); each later stage's "
+                             "teacher is the previous stage's model.")
     for via in vias:
         check_model_ref("--via", via)
     n = len(vias) + 1
-    steps = args.stage_steps or [args.max_steps] * n
+    steps = values["stage_steps"] or [values["max_steps"]] * n
     if len(steps) != n:
         raise LmdistillError(f"--stage_steps: expected {n} step counts (one per stage: {len(vias)} --via, then the "
                              f"student), found {len(steps)}.")
-    stages, teacher = [], args.teacher[0]
+    stages, teacher = [], teachers[0]
     for i, via in enumerate(vias, 1):
         folder = out / f"stage-{i}-{stage_name(via)}"
         stages.append({"teacher": teacher, "student": via, "output_dir": folder, "max_steps": steps[i - 1],
                        "final": False})
         teacher = str(folder)
-    stages.append({"teacher": teacher, "student": args.student, "output_dir": out, "max_steps": steps[-1],
+    stages.append({"teacher": teacher, "student": values["student"], "output_dir": out, "max_steps": steps[-1],
                    "final": True})
     return stages
 
 
-def stage_args(args: argparse.Namespace, stage: dict, index: int) -> argparse.Namespace:
+def stage_values(values: Mapping[str, Any], stage: dict, index: int) -> dict:
     """The options of one stage: the run's, with this stage's teacher, student, folder and steps."""
-    a = copy.copy(args)
-    a.via, a.stage_steps = None, None
-    a.teacher, a.student, a.output_dir, a.max_steps = [stage["teacher"]], stage["student"], str(stage["output_dir"]), \
-        stage["max_steps"]
+    v = dict(values)
+    v.update(via=None, stage_steps=None, teacher=[stage["teacher"]], student=stage["student"],
+             output_dir=str(stage["output_dir"]), max_steps=stage["max_steps"])
     if index > 0:  # the first teacher's adapter and dtype belong to it; later teachers are the stages' models
-        a.teacher_adapter, a.teacher_dtype = None, None
+        v.update(teacher_adapter=None, teacher_dtype=None)
     if not stage["final"]:
-        a.hidden_size = a.num_layers = a.use_moe = None
-    folder = Path(stage["output_dir"])
-    a.overwrite, a.resume = False, None
-    if args.resume:
+        v.update(hidden_size=None, num_layers=None, use_moe=None)
+    v.update(overwrite=False, resume=None)
+    if values["resume"]:
         from lmdistill.train import state as ckpt
 
-        if ckpt.list_checkpoints(folder):
-            a.resume = "latest"
+        if ckpt.list_checkpoints(Path(stage["output_dir"])):
+            v["resume"] = "latest"
         else:
-            a.overwrite = True  # an interrupted stage that saved nothing starts again
-    return a
+            v["overwrite"] = True  # an interrupted stage that saved nothing starts again
+    return v
 
 
-def run_progressive(args: argparse.Namespace) -> int:
+def check_folder(values: Mapping[str, Any]) -> list[Path]:
+    """What an earlier run left in --output_dir, refused unless --resume or --overwrite (then to delete)."""
     from lmdistill.train import preflight
-    from lmdistill.train.loop import run_training
 
-    stages = plan_stages(args)
-    out = Path(args.output_dir)
-    if args.resume and args.overwrite:
+    out = Path(values["output_dir"])
+    if values["resume"] and values["overwrite"]:
         raise LmdistillError("--resume continues the run in --output_dir and --overwrite deletes it: give one.")
     old = preflight.run_outputs(out)
-    if old and not (args.resume or args.overwrite):
+    if old and not (values["resume"] or values["overwrite"]):
         shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in old[:6])
         raise LmdistillError(f"--output_dir '{out}' holds an earlier run ({shown}). Pass --resume to continue it, "
                              "--overwrite to delete it and start anew, or choose another --output_dir.")
-    if args.overwrite:
+    return old
+
+
+def run_progressive(values: Mapping[str, Any], run_stage: Callable[[dict], int]) -> int:
+    """Each stage in turn: `run_stage(stage_values)` checks and runs one (`lmdistill.train.run`)."""
+    from lmdistill.train import preflight
+
+    stages = plan_stages(values)
+    old = check_folder(values)
+    if values["overwrite"]:
         preflight.remove_outputs(old)
     for i, stage in enumerate(stages):
         label = f"stage {i + 1}/{len(stages)}: {stage['teacher']} -> {stage['student']}"
         done = Path(stage["output_dir"]) / DONE_FILE
-        if done.is_file() and args.resume:
+        if done.is_file() and values["resume"]:
             print(f"{label}: finished earlier ({stage['output_dir']}), skipped")
             continue
         print(f"{label} -> {stage['output_dir']}", flush=True)
-        code = run_training(stage_args(args, stage, i))
+        code = run_stage(stage_values(values, stage, i))
         if code:
             return code
         done.write_text(json.dumps({"stage": i + 1, "teacher": stage["teacher"], "student": stage["student"],
