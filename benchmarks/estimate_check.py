@@ -5,7 +5,7 @@
 
 No step is run: for each lmdistill run the JSON holds, the pair's models are built on the meta device from their
 description ("micro hidden_size=512 num_layers=4": a preset and its size knobs; the recorded vocabulary), the data is
-tokenized as the benchmark tokenizes it, and `lmdistill.train.estimate.estimate` gives the estimate for the recorded
+tokenized as the benchmark tokenizes it, and `lmdistill.train.memory.estimate` gives the estimate for the recorded
 batch, sequence length, dtype and device (one process). A run this script cannot configure is skipped, saying why.
 
 Like is compared with like. The benchmark records two peaks:
@@ -53,7 +53,9 @@ def _model(description: str, vocab: int, tokenizer):
 def check_run(run: dict, tokenizer, examples_by_len: dict) -> dict:
     """The estimate for one recorded lmdistill run, next to its measured peaks (MiB)."""
     from lmdistill.data import load_examples
-    from lmdistill.train.estimate import MiB, RunShape, TeacherShape, data_bytes, estimate, model_shape
+    from lmdistill.models.shapes import TeacherShape, model_shape
+    from lmdistill.train.estimate import data_bytes
+    from lmdistill.train.memory import MiB, RunShape, estimate
 
     if tokenizer is None:
         raise Skip("the results were made with a tokenizer this script does not rebuild")

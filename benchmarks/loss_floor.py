@@ -13,7 +13,7 @@ loss_engine.py's job):
   gemm_full      only the four matmuls of the step at N rows (student and teacher logits, the hidden-state and the
                  weight gradients): what naive's matmuls cost
   gemm_chunked   only the same four matmuls, one chunk of C rows at a time, issued as the fused loss issues them
-                 (functional.project_logits, _project_back, _add_weight_grad_): the floor of any token-chunked loss
+                 (projection.project_logits, _project_back, _add_weight_grad_): the floor of any token-chunked loss
                  whose two [C, V] fp32 logit buffers fit the memory target (C = 256 here)
   elementwise    only the fused loss's elementwise pass (engine.loss_chunk_: softmaxes, KL, gradient) over the chunks
 The table gives each as a share of naive's time: if gemm_chunked alone is at or above the 0.7x target, no

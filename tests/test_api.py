@@ -20,7 +20,7 @@ def test_config_fields_are_the_cli_options(cls):
     assert fields == options
 
 
-def test_distill_from_python_equals_the_cli_options(tiny_teacher_dir, tiny_chat, tmp_path):
+def test_distill_from_python_equals_the_cli_options(tiny_teacher_dir, tiny_chat, tmp_path, capfd):
     config = DistillConfig(teacher=[str(tiny_teacher_dir)], student="nano", hidden_size=32, num_layers=1,
                            data=str(tiny_chat), output_dir=str(tmp_path / "run"), max_steps=2, batch_size=4,
                            max_seq_len=48, alpha=0.25)
@@ -30,6 +30,8 @@ def test_distill_from_python_equals_the_cli_options(tiny_teacher_dir, tiny_chat,
     assert config.values() == {k: v for k, v in vars(cli).items() if k not in ("config", "command")}
     out = distill(config)
     assert out == tmp_path / "run" and (out / "model.safetensors").is_file()
+    both = "".join(capfd.readouterr())
+    assert "Writing model shards" not in both and "Loading weights" not in both  # transformers' bars, as in the CLI
 
 
 def test_bad_values_and_missing_options_are_named(tiny_chat, tmp_path):

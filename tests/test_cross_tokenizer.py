@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lmdistill.cli import main
-from lmdistill.losses.cross_tokenizer import common_boundaries, gold_loss, shared_vocabulary, uld_loss
+from lmdistill.data.alignment import common_boundaries, shared_vocabulary
+from lmdistill.losses.cross_tokenizer import gold_loss, uld_loss
 
 TEXTS = [
     "The dog finds 3 red apples under the old bridge.",
@@ -63,7 +64,7 @@ def test_one_tokenizer_shares_its_whole_vocabulary(tiny_teacher_dir):
 
 
 def test_two_tokenizers_share_tokens_of_the_same_bytes(tiny_teacher_dir, minimind_tokenizer):
-    from lmdistill.losses.cross_tokenizer import token_bytes
+    from lmdistill.data.alignment import token_bytes
     from lmdistill.tokenizer import load_tokenizer
 
     small = load_tokenizer(tiny_teacher_dir)
@@ -207,7 +208,7 @@ def test_two_tokenizers_align_on_the_same_reply_text(tiny_teacher_dir, minimind_
     examples = load_cross_examples(mixed_chat, small, minimind_tokenizer, max_seq_len=256)
     stats = examples.stats
     assert 0 < stats.aligned < stats.trained_tokens  # multi-byte characters split differently: some unaligned
-    from lmdistill.losses.cross_tokenizer import token_bytes
+    from lmdistill.data.alignment import token_bytes
 
     s_bytes, t_bytes = token_bytes(small), token_bytes(minimind_tokenizer)
     split_inside_a_character = 0

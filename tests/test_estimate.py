@@ -16,9 +16,8 @@ import torch
 
 from lmdistill.cli import main
 from lmdistill.models import build_config, load_model
-from lmdistill.train.estimate import (
-    RunShape, TeacherShape, activation_bytes, backward_bytes, estimate, kv_bytes, layer_bytes, meta_model, model_shape,
-)
+from lmdistill.models.shapes import TeacherShape, meta_model, model_shape
+from lmdistill.train.memory import RunShape, activation_bytes, backward_bytes, estimate, kv_bytes, layer_bytes
 
 VOCAB = 320
 # nano at hidden 48: heads 4 (head_dim 12), kv heads 2, MLP 64 * ceil(48 pi / 64) = 192, tied embeddings
@@ -244,7 +243,8 @@ MEASURE = r"""
 import contextlib, ctypes, json, os, resource, sys
 from torch.utils._python_dispatch import TorchDispatchMode
 from train_args import make_plan
-from lmdistill.train.estimate import build_estimate, _examples
+from lmdistill.train.estimate import build_estimate
+from lmdistill.train.setup import load_train_examples
 from lmdistill.train.loop import Trainer
 
 def rss():
@@ -277,8 +277,8 @@ class InUse(TorchDispatchMode):
     def above(self):
         return None if self.info is None else self.peak - self.base
 
-args = make_plan("distill", sys.argv[1:])
-trainer = Trainer(args)
+plan = make_plan("distill", sys.argv[1:])
+trainer = Trainer(plan)
 trainer.model.train()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # the RSS high-water mark starts again from here: models, data and trainer are built
@@ -291,7 +291,7 @@ with in_use or contextlib.nullcontext():
 # thread of the process has exited (the kernel folds the mm's peak into the process's record at a thread's exit)
 with open("/proc/self/status") as f:
     peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-est = build_estimate(args, trainer.tokenizer, _examples(args, trainer.tokenizer))
+est = build_estimate(plan, load_train_examples(plan))
 # resident before the reset: the process, the data and the preset student; the teacher's safetensors are mapped
 # and read in during the first step
 print(json.dumps({"measured": peak - base, "estimated": est.total(False) - sum(est.host.values()) - est.weights,

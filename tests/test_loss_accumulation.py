@@ -291,9 +291,10 @@ def test_low_precision_matmul_operands_keep_fp32_logits_and_round_only_the_opera
     """On CUDA under autocast or with bf16 weights, the loss's GEMMs take bf16 operands with fp32 accumulation and
     output (`matmul_dtype`). Emulated here: the loss value equals the fp32 loss of bf16-rounded inputs (the products
     are exact), and gradients differ from fp32 ones only by the bf16 rounding of the logit gradient."""
-    from lmdistill.losses import functional
+    from lmdistill.losses import functional, scores
 
-    monkeypatch.setattr(functional, "matmul_dtype", lambda device, weight: torch.bfloat16)
+    for module in (functional, scores):  # the student's GEMMs (the loss) and the teacher's (its scores)
+        monkeypatch.setattr(module, "matmul_dtype", lambda device, weight: torch.bfloat16)
     hs, ht, W, Wt, labels = _inputs(batches=2)
     hs, ht, Wt = hs.float(), ht.float(), Wt.float()
     W = W.detach().float().requires_grad_(True)
@@ -315,7 +316,7 @@ def test_low_precision_matmul_operands_keep_fp32_logits_and_round_only_the_opera
 
 
 def test_matmul_dtype_is_fp32_on_cpu_and_follows_autocast_or_weights_on_cuda():
-    from lmdistill.losses.functional import matmul_dtype
+    from lmdistill.losses.projection import matmul_dtype
 
     W32, W16 = torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.bfloat16)
     assert matmul_dtype(torch.device("cpu"), W16) is None and matmul_dtype(torch.device("cpu"), W32) is None

@@ -103,10 +103,10 @@ def test_fused_matches_reference_values_and_gradients(div, T, alpha, top_k):
 def test_fused_cpu_vocab_tiles_match_reference(monkeypatch, div, T, alpha, top_k):
     """The CPU path for large lm_heads (transposed products per vocabulary tile), forced on small sizes with
     tiles that do not divide the vocabulary."""
-    from lmdistill.losses import functional
+    from lmdistill.losses import projection
 
-    monkeypatch.setattr(functional, "WEIGHT_TILE_BYTES", 8 * 6)  # any weight above 48 bytes takes the tiled path
-    monkeypatch.setattr(functional, "CPU_TILE_BYTES", 8 * 3 * 2)  # 3-token chunks -> 2 vocabulary rows per tile
+    monkeypatch.setattr(projection, "WEIGHT_TILE_BYTES", 8 * 6)  # any weight above 48 bytes takes the tiled path
+    monkeypatch.setattr(projection, "CPU_TILE_BYTES", 8 * 3 * 2)  # 3-token chunks -> 2 vocabulary rows per tile
     hs, Ws, ht, Wt, labels = _inputs(n=11, V=13, seed=7)
     hs.requires_grad_(), Ws.requires_grad_()
     kw = dict(divergence=div, temperature=T, alpha=alpha, top_k=top_k)

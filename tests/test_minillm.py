@@ -122,7 +122,7 @@ def test_weights_must_match_the_trained_positions():
 class _Rows:
     """Teacher logits given one row per trained position, in order (as every Teacher's scores are)."""
 
-    k = None
+    stored_k = None
 
     def __init__(self, z):
         self.z, self.vocab_size, self.n_rows = z, z.shape[1], z.shape[0]

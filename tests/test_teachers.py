@@ -81,7 +81,7 @@ def test_ensemble_weights_and_members_are_checked(synthetic):
 
     class Fake(OnlineTeacher):
         def __init__(self, vocab, k=None):
-            self.vocab_size, self.k, self.name = vocab, k, "fake"
+            self.vocab_size, self.stored_k, self.name = vocab, k, "fake"
 
     with pytest.raises(LmdistillError, match="expected 2 positive numbers"):
         EnsembleTeacher([Fake(5), Fake(5)], [1.0, 0.0])

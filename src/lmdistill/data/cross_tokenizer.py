@@ -27,7 +27,7 @@ from lmdistill.data.formats import normalize_format
 from lmdistill.data.loader import DataStats, Examples, iter_parsed
 from lmdistill.data.render import IGNORE_INDEX, _check_messages, _locate_turn, _tokenize_with_spans
 from lmdistill.errors import LmdistillError
-from lmdistill.losses.cross_tokenizer import common_boundaries, token_boundaries, token_bytes
+from lmdistill.data.alignment import common_boundaries, token_boundaries, token_bytes
 
 
 @dataclass

@@ -117,7 +117,7 @@ def _tokenizer_paths(args: argparse.Namespace, models: list[str]) -> list[str]:
 
 def _run_lm(args, models, tokenizer_paths, tokenizers, device) -> tuple[dict, list[str]]:
     from lmdistill.data import load_examples
-    from lmdistill.eval.lm import evaluate_lm
+    from lmdistill.train.evaluate import evaluate_lm
     from lmdistill.models import load_model, load_teacher
 
     teacher = teacher_vocab = None

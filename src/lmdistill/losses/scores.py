@@ -8,20 +8,22 @@ teacher materializes `[tokens, vocab]` logits.
 
 Every teacher source implements it (`lmdistill.teachers`): an online model (`ProjectedScores`, below: final hidden
 states through the lm_head), the offline top-k cache (rows filled from the stored top-k and log-normalizer) and
-an ensemble (the members' blocks combined). `k` tells the engine when the logits are exact only within a top-k:
-the loss then must use `top_k <= k`, and divergences with a tail bucket need T=1.
+an ensemble (the members' blocks combined). `stored_k` tells the engine when the logits are exact only within a top-k:
+the loss then must use `top_k <= stored_k`, and divergences with a tail bucket need T=1.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from lmdistill.losses.projection import apply_head_, matmul_dtype, project_logits
+
 
 class TeacherScores:
     """A teacher's scores for one micro-batch's trained rows (see the module docstring)."""
 
     vocab_size: int  # the real tokens compared (padded embedding rows excluded)
-    k: int | None = None  # the logits are exact only over each row's top k (a cache); None: every logit is exact
+    stored_k: int | None = None  # the logits are exact only over each row's stored top k (a cache); None: all are
 
     @property
     def n_rows(self) -> int | None:
@@ -44,9 +46,7 @@ class ProjectedScores(TeacherScores):
         self.vocab_size, self.head = vocab_size, head
 
     def block(self, start: int, rows: Tensor, out: Tensor) -> Tensor:
-        from lmdistill.losses.functional import _apply_head_, matmul_dtype, project_logits  # imports this module
-
         h = self.hidden.index_select(0, rows)
         mm = matmul_dtype(out.device, self.weight)  # a bf16 teacher on CUDA: tensor cores, exact products, fp32 out
         z = project_logits(h.to(mm or out.dtype), self.weight, self.bias, out, mm)
-        return _apply_head_(z, self.head, None)
+        return apply_head_(z, self.head, None)

@@ -2,7 +2,7 @@
 
     scores = teacher.score(batch)    # TeacherScores of the batch's trained rows, read block by block by the loss
     teacher.vocab_size               # the real tokens compared (padded embedding rows excluded)
-    teacher.k                        # None, or the top-k its scores are exact within (an offline cache)
+    teacher.stored_k                 # None, or the top k its scores are exact within (an offline cache)
 
 Kinds (one file each): an online HF model (`online.py`), the offline top-k cache (`cache.py`), a teacher with its
 own tokenizer (`cross_tokenizer.py`), an ensemble of teachers (`ensemble.py`). A new kind of teacher is a new
@@ -21,7 +21,7 @@ class Teacher:
 
     name: str = "teacher"
     vocab_size: int
-    k: int | None = None
+    stored_k: int | None = None
     # True when it can score only the examples it was built from (a cache), not any text (eval data)
     offline: bool = False
     # the output rows of its model (a padded lm_head may have more than the vocabulary); None without a model, when

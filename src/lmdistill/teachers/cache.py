@@ -70,7 +70,7 @@ class TopKTeacher(TeacherScores):
     vocab_size: int
 
     @property
-    def k(self) -> int:
+    def stored_k(self) -> int:
         return self.ids.shape[1]
 
     @property
@@ -89,7 +89,7 @@ class TopKTeacher(TeacherScores):
         other token at the value that spreads the teacher's remaining mass evenly over them, so that the
         log-normalizer over the vocabulary, hence the rest bucket's mass at T=1, is the teacher's own."""
         ids, logits, lse = self.ids[start:end], self.logits[start:end].to(out.dtype), self.lse[start:end].to(out.dtype)
-        n_rest = self.vocab_size - self.k
+        n_rest = self.vocab_size - self.stored_k
         if n_rest > 0:
             kept = torch.logsumexp(logits, -1)
             rest = lse + torch.log1p(-torch.exp(kept - lse).clamp(max=1.0))  # log of the mass outside the top-k
@@ -127,7 +127,7 @@ class TeacherCache:
         self.meta = read_meta(folder)
         index = load_file(str(self.folder / INDEX_FILE))
         self.offsets, self.fingerprints = index["offsets"], index["fingerprint"]
-        self.k, self.vocab_size = int(self.meta["top_k"]), int(self.meta["vocab_size"])
+        self.stored_k, self.vocab_size = int(self.meta["top_k"]), int(self.meta["vocab_size"])
         shards = [load_file(str(self.folder / s["file"])) for s in self.meta["shards"]]
         cat = lambda key: torch.cat([s[key] for s in shards]) if shards else torch.empty(0)  # noqa: E731
         self.ids, self.logits, self.lse = cat("ids"), cat("logits"), cat("lse")
@@ -158,14 +158,14 @@ class TeacherCache:
                                      f"built from (other text, tokenizer or --max_seq_len). Use the data and options "
                                      f"the cache was built with: {self.describe()}, or rebuild the cache.")
 
-    def rows(self, example_indices: Sequence[int], top_k: int | None = None) -> TopKTeacher:
+    def rows(self, example_indices: Sequence[int], loss_top_k: int | None = None) -> TopKTeacher:
         """The cached rows of these examples' trained positions, in the order the loss sees them (example by
-        example, positions increasing); `top_k` < the cache's k keeps the largest `top_k` (exact)."""
+        example, positions increasing); `loss_top_k` < the cache's stored k keeps the largest `loss_top_k` (exact)."""
         parts = [torch.arange(int(self.offsets[i]), int(self.offsets[i + 1])) for i in example_indices]
         sel = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
         ids, logits = self.ids[sel].long(), self.logits[sel]
-        if top_k is not None and top_k < self.k:
-            logits, pos = logits.topk(top_k, -1)
+        if loss_top_k is not None and loss_top_k < self.stored_k:
+            logits, pos = logits.topk(loss_top_k, -1)
             ids = ids.gather(-1, pos)
         return TopKTeacher(ids, logits, self.lse[sel], self.vocab_size)
 
@@ -176,13 +176,13 @@ class CachedTeacher(Teacher):
 
     offline = True
 
-    def __init__(self, cache: TeacherCache, top_k: int | None = None, name: str | None = None):
-        self.cache, self.top_k = cache, top_k
-        self.vocab_size, self.k = cache.vocab_size, top_k or cache.k
+    def __init__(self, cache: TeacherCache, loss_top_k: int | None = None, name: str | None = None):
+        self.cache, self.loss_top_k = cache, loss_top_k
+        self.vocab_size, self.stored_k = cache.vocab_size, loss_top_k or cache.stored_k
         self.name = name or f"cache {cache.folder}"
 
     def score(self, batch) -> TopKTeacher:
-        return self.cache.rows(batch.example_index, self.top_k).to(batch.input_ids.device)
+        return self.cache.rows(batch.example_index, self.loss_top_k).to(batch.input_ids.device)
 
     def check_examples(self, examples) -> None:
         self.cache.check_examples(examples)
@@ -192,7 +192,7 @@ class CachedTeacher(Teacher):
         folder = self.cache.folder / EVAL_DIR
         if not (folder / META_FILE).is_file():
             return None
-        teacher = CachedTeacher(TeacherCache(folder), self.top_k, name=f"{self.name} (eval)")
+        teacher = CachedTeacher(TeacherCache(folder), self.loss_top_k, name=f"{self.name} (eval)")
         try:
             teacher.check_examples(examples)
         except LmdistillError:
@@ -373,7 +373,7 @@ class CachedKind(TeacherKind):
 
         meta = read_meta(spec.ref)
         size = sum((Path(spec.ref) / s["file"]).stat().st_size for s in meta["shards"])
-        return [TeacherShape(spec.ref, cache_bytes=size, top_k=ctx.loss_top_k or int(meta["top_k"]))]
+        return [TeacherShape(spec.ref, cache_bytes=size, rows_k=ctx.loss_top_k or int(meta["top_k"]))]
 
     @classmethod
     def build(cls, spec: TeacherSpec, ctx: BuildContext) -> CachedTeacher:

@@ -89,8 +89,8 @@ class EnsembleTeacher(Teacher):
             raise LmdistillError(f"the ensemble's teachers compare different vocabularies ({sorted(sizes)} tokens); "
                                  "they must share the student's tokenizer.")
         for m in members:
-            if m.k is not None and m.k < m.vocab_size:
-                raise LmdistillError(f"{m.name} holds only its top {m.k} tokens per position: an ensemble needs every "
+            if m.stored_k is not None and m.stored_k < m.vocab_size:
+                raise LmdistillError(f"{m.name} holds only its top {m.stored_k} tokens per position: an ensemble needs every "
                                      "logit of each member (cache the whole vocabulary with `cache-teacher --top_k "
                                      f"{m.vocab_size}`).")
         total = sum(weights)

@@ -70,7 +70,7 @@ def evaluate_lm(model, examples: Sequence[dict], tokenizer, teacher=None, batch_
     head, teacher = lm_head_of(model), _as_teacher(teacher, vocab_size)
     vocab = teacher.vocab_size if teacher is not None else vocab_size or head.weight.shape[0]
     members = teacher.members() if teacher is not None and len(teacher.members()) > 1 else []
-    exact = teacher is not None and (teacher.k is None or teacher.k >= vocab)  # a top-k cache has no exact CE
+    exact = teacher is not None and (teacher.stored_k is None or teacher.stored_k >= vocab)  # a top-k cache has no exact CE
     sums: dict[str, float] = {}
     n_tokens, used = 0, []
     for b, start in enumerate(range(0, len(examples), batch_size)):
