@@ -61,7 +61,7 @@ GROUPS = {"attn_in": ("q_proj", "k_proj", "v_proj"), "attn_out": ("o_proj",), "m
 
 @dataclass(frozen=True)
 class RunShape:
-    """The options the estimate reads (from the parsed args: `run_shape`)."""
+    """What the estimate reads of the run plan (`lmdistill.train.estimate.run_shape`)."""
 
     command: str
     batch_size: int
