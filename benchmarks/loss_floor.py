@@ -38,6 +38,7 @@ PARTS = ("naive", "lmdistill", "gemm_full", "gemm_chunked", "elementwise")
 
 def worker(part: str, n: int, vocab: int, repeats: int) -> dict:
     from lmdistill.losses import functional as fn
+    from lmdistill.losses import projection
     from lmdistill.losses.engine import KDConfig, loss_chunk_
 
     hs_dim, ht_dim = SHAPES["qwen"][:2]
@@ -77,10 +78,10 @@ def worker(part: str, n: int, vocab: int, repeats: int) -> dict:
             dW = torch.empty(vocab, hs_dim)
             for i, start in enumerate(range(0, n, chunk)):
                 h, g = hs[start:start + chunk], g_full[start:start + chunk]
-                fn.project_logits(h, ws, None, zs_buf[:len(h)])
-                fn.project_logits(ht[start:start + chunk], wt, None, zt_buf[:len(h)])
-                fn._project_back(g, ws)
-                fn._add_weight_grad_(dW, g, h, i == 0, 1.0, None)
+                projection.project_logits(h, ws, None, zs_buf[:len(h)])
+                projection.project_logits(ht[start:start + chunk], wt, None, zt_buf[:len(h)])
+                projection._project_back(g, ws)
+                projection._add_weight_grad_(dW, g, h, i == 0, 1.0, None)
             return
     times = []
     for i in range(repeats + 1):  # the first is a warmup (allocator, MKL), not kept

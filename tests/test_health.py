@@ -326,6 +326,50 @@ def test_kd_plateau_and_gradient_checks_on_sequences():
     assert health.gradients([1.0, 0.5, 1e-6], 0.01, 5.0) is None  # learned: small gradients are expected
 
 
+def test_health_state_round_trips_and_reads_the_older_positional_format():
+    from types import SimpleNamespace
+
+    from lmdistill.losses.engine import KDConfig
+    from lmdistill.train.plan import Objective
+
+    plan = SimpleNamespace(health=SimpleNamespace(keep_best="ce", patience=3, min_delta=0.0, strict=False),
+                           objective=Objective("kd", KDConfig("jsd")))
+    trainer = SimpleNamespace(global_step=0)
+    a = health.Health(plan, 100, True, True)
+    for i in range(23):
+        trainer.global_step = i + 1
+        a.on_step(trainer, {"loss": 3.0 - 0.01 * i, "kd_loss": 0.1 + 0.001 * i, "grad_norm": 1.0 + 0.1 * (i % 4)})
+    saved = a.state_dict()
+    assert isinstance(saved, dict) and saved["since_eval_steps"] == 23 and len(saved["grad_medians"]) == 2
+    assert saved["grad_norms"] == pytest.approx([1.0, 1.1, 1.2]) and len(saved["kd_windows"]) == 4  # windows of 5
+    assert saved["kd_steps"] == 3 and saved["since_eval_loss"] == pytest.approx(sum(3.0 - 0.01 * i for i in range(23)))
+    b = health.Health(plan, 100, True, True)
+    b.load_state_dict(saved)
+    assert b.state == a.state and b.state_dict() == saved
+    for h in (a, b):  # both continue the same way
+        trainer.global_step = 24
+        h.on_step(trainer, {"loss": 2.5, "kd_loss": 0.1, "grad_norm": 1.0})
+    assert a.state == b.state
+
+    old = {"metric": "ce", "best_value": 2.5, "best_step": 20, "bad_evals": 1, "stopped_at": None,
+           "evals": [[10, 2.6, 3.0], [20, 2.5, 2.9]], "since_eval": [5.5, 2], "kd": [0.3, 3, [0.2, 0.1]],
+           "grad": [[1.0, 2.0], [1.5], [3.0, 2.9], 3.1], "warned": ["kd_plateau"],
+           "last_eval": {"ce": 2.5, "agreement": None, "teacher_ce": None}, "last_value": [20, 2.5]}
+    c = health.Health(plan, 100, True, True)
+    c.load_state_dict(old)
+    assert c.state == health.HealthState(
+        "ce", best_value=2.5, best_step=20, bad_evals=1, last_value_step=20, last_value=2.5,
+        last_eval={"ce": 2.5, "agreement": None, "teacher_ce": None}, evals=[[10, 2.6, 3.0], [20, 2.5, 2.9]],
+        since_eval_loss=5.5, since_eval_steps=2, kd_loss_sum=0.3, kd_steps=3, kd_windows=[0.2, 0.1],
+        grad_norms=[1.0, 2.0], grad_losses=[3.0, 2.9], grad_medians=[1.5], grad_reference_loss=3.1,
+        warned=["kd_plateau"])
+    other = health.Health(SimpleNamespace(health=SimpleNamespace(keep_best="bits_per_byte", patience=3, min_delta=0.0,
+                                                                 strict=False), objective=plan.objective),
+                          100, True, True)
+    other.load_state_dict(old)  # --keep_best changed on resume: its record starts over, the checks' windows stay
+    assert (other.state.metric, other.state.best_step, other.state.bad_evals) == ("bits_per_byte", None, 0)
+    assert other.state.since_eval_steps == 2 and other.state.warned == ["kd_plateau"]
+
 def test_metric_directions_and_divergence_bounds():
     assert [health.direction(m) for m in ("ce", "ppl", "bits_per_byte", "kl_to_teacher_2", "agreement",
                                           "exact_match", "entropy")] == ["min"] * 4 + ["max"] * 2 + [None]

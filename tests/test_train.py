@@ -27,7 +27,9 @@ def _distill_argv(teacher, data, out, *extra):
 def _step_grads(command, argv) -> dict[str, torch.Tensor]:
     trainer = Trainer(make_plan(command, argv))
     trainer.accumulate(trainer.micro_batches(0))
-    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.close()  # the run's folder is free for the next Trainer
+    return grads
 
 
 def _assert_same_grads(a, b, rtol=1e-5, atol=1e-7):

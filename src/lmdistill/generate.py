@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmdistill.errors import LmdistillError
+from lmdistill.errors import DiskWriteError, LmdistillError, free_bytes, size_text, write_failure
 
 Messages = list[dict[str, Any]]
 
@@ -145,8 +145,8 @@ def run(args: argparse.Namespace) -> int:
                              on_batch=on_batch, description="generate", backend=args.generation_backend)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0, new_tokens, cut = time.perf_counter(), 0, 0
-    with open(out, "a", encoding="utf-8") as f:
-        def write(batch_indices, replies):  # one batch's lines at once, flushed to disk
+    with open(out, "ab", buffering=0) as f:  # unbuffered: a failed write leaves nothing queued to write again
+        def write(batch_indices, replies):  # one batch's lines at once, synced to disk
             nonlocal new_tokens, cut
             lines = []
             for i, reply in zip(batch_indices, replies):
@@ -154,9 +154,18 @@ def run(args: argparse.Namespace) -> int:
                                         ensure_ascii=False) + "\n")
                 new_tokens += len(reply.token_ids)
                 cut += not reply.finished
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
+            before = os.path.getsize(out)
+            try:
+                data = memoryview("".join(lines).encode("utf-8"))
+                while data:  # a raw write may take part of it
+                    data = data[f.write(data):]
+                os.fsync(f.fileno())
+            except OSError as exc:  # a full or failing disk: keep every complete earlier line, drop this batch's
+                os.truncate(out, before)
+                raise DiskWriteError(f"writing replies to '{out}' failed: {write_failure(exc)}; "
+                                     f"{size_text(free_bytes(out.parent))} free there. The replies written before are "
+                                     "kept and this batch's were removed; free space, then run the same command again "
+                                     "to continue where it stopped.") from None
 
         model_generate(write)
     seconds = time.perf_counter() - t0

@@ -124,7 +124,10 @@ def run_training(config) -> float:
 
     start = time.perf_counter()
     trainer = Trainer(plan(config))
-    trainer.train()  # restores the caller's SIGINT/SIGTERM handlers when it returns
+    try:
+        trainer.train()  # restores the caller's SIGINT/SIGTERM handlers when it returns
+    finally:
+        trainer.close()
     if trainer.stop_signal:
         raise KeyboardInterrupt
     return time.perf_counter() - start

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from lmdistill.config import Repeated
-from lmdistill.errors import LmdistillError
+from lmdistill.errors import LmdistillError, check_space, guarded_write
 from lmdistill.losses.scores import TeacherScores
 from lmdistill.teachers.base import Teacher
 from lmdistill.teachers.registry import (FULL_VOCABULARY, HIDDEN_STATES, SCORES_NEW_TEXT, STEPS_TOKENS, BuildContext,
@@ -240,14 +240,19 @@ def build_cache(teacher, tokenizer, examples: Sequence[dict], output_dir: str | 
         raise LmdistillError(f"--top_k: expected an integer in [1, {vocab}] (the vocabulary), found {top_k}.")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    positions = sum(trained_positions(ex) for ex in [*examples, *(eval_examples or [])])
+    advice = "Free space or choose another --output_dir, then run the same command again."
+    check_space(out.parent, positions * (8 * top_k + 4) + 2**20, "the teacher cache", "no cache was written", advice)
     try:
-        options = dict(top_k=top_k, vocab=vocab, batch_size=batch_size, device=device, progress=progress)
-        _write_cache(teacher, tokenizer, examples, tmp, meta=meta, **options)
-        if eval_examples is not None:
-            _write_cache(teacher, tokenizer, eval_examples, tmp / EVAL_DIR, meta={**meta, "part": "eval"}, **options)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
+        with guarded_write(tmp, "the teacher cache", out.parent, "no cache folder was left behind", advice):
+            options = dict(top_k=top_k, vocab=vocab, batch_size=batch_size, device=device, progress=progress)
+            _write_cache(teacher, tokenizer, examples, tmp, meta=meta, **options)
+            if eval_examples is not None:
+                _write_cache(teacher, tokenizer, eval_examples, tmp / EVAL_DIR, meta={**meta, "part": "eval"},
+                             **options)
+            if out.exists():
+                out.rmdir()  # empty (checked above)
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lmdistill.errors import DiskWriteError, free_bytes, size_text
 from lmdistill.train import state as ckpt
 
 
@@ -28,7 +29,19 @@ class CheckpointMixin:
     def training_state(self, rng_per_rank: list) -> dict:
         return {"step": self.global_step, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank,
-                "config": self.config_record(), "health": self.health.state_dict()}
+                "config": self.config_record(), "health": self.health.state_dict(),
+                "data": {**self.data_identity, "examples": len(self.examples)}}
+
+    def checkpoint_bytes(self) -> int:
+        """About what the next checkpoint takes on disk: the newest one's size, else the student's weights (each
+        tensor once) plus the optimizer state."""
+        found = ckpt.list_checkpoints(self.out)
+        if found:
+            return ckpt.folder_bytes(found[-1])
+        tensors = {id(t): t for t in self.unwrapped().parameters()}
+        for state in self.optimizer.state.values():
+            tensors.update({id(t): t for t in state.values() if torch.is_tensor(t)})
+        return sum(t.numel() * t.element_size() for t in tensors.values()) + 2**20
 
     def save_checkpoint(self) -> Path | None:
         from accelerate.utils import gather_object
@@ -36,14 +49,40 @@ class CheckpointMixin:
         path = self.out / f"checkpoint-{self.global_step}"
         if self._saved_step == self.global_step:  # e.g. the best checkpoint, then the save interval's
             return path
-        self._saved_step, path = self.global_step, None
+        self._saved_step, path, error = self.global_step, None, None
         rng = gather_object([ckpt.rng_state()]) if self.world > 1 else [ckpt.rng_state()]  # every rank's sampling
         if self.acc.is_main_process:
-            path = ckpt.save_checkpoint(self.out, self.global_step, self.unwrapped(), self.tokenizer,
-                                        self.training_state(rng), self.plan.output.keep_checkpoints,
-                                        protect=self.health.protected(self.out))
+            try:
+                need = self.checkpoint_bytes()
+                ckpt.check_space(self.out, need, f"checkpoint-{self.global_step}")
+                path = ckpt.save_checkpoint(self.out, self.global_step, self.unwrapped(), self.tokenizer,
+                                            self.training_state(rng), self.plan.output.keep_checkpoints,
+                                            protect=self.health.protected(self.out))
+                self._warn_space(need, "the next checkpoint")
+            except DiskWriteError as exc:
+                error = exc
+        if self._sum(1.0 if error else 0.0) > 0:  # every rank stops together
+            raise error or DiskWriteError("the main process could not write the checkpoint (see its error).")
         self.acc.wait_for_everyone()
         return path
+
+    def _warn_space(self, need: int, what: str) -> None:
+        free = free_bytes(self.out)
+        if free < need:
+            print(f"warning: {what} (about {size_text(need)}) will not fit: {size_text(free)} free in "
+                  f"'{self.out}'. Free space or lower --keep_checkpoints before the run gets there.", flush=True)
+
+    def check_start_space(self) -> None:
+        """Before step 1: refuse a run whose first save (a checkpoint, or the final model) cannot fit."""
+        error = None
+        if self.acc.is_main_process:
+            try:
+                ckpt.check_space(self.out, self.checkpoint_bytes() if self.plan.output.save_interval else
+                                 ckpt.model_bytes(self.unwrapped()), "the run's first save")
+            except DiskWriteError as exc:
+                error = exc
+        if self._sum(1.0 if error else 0.0) > 0:
+            raise error or DiskWriteError("the main process's output folder has no space (see its error).")
 
     def resume(self, folder: Path) -> None:
         state = torch.load(folder / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
@@ -54,6 +93,11 @@ class CheckpointMixin:
         ckpt.set_rng_state(per_rank[self.rank] if len(per_rank) == self.world else state["rng"])
         self.global_step = state["step"]
         self.health.load_state_dict(state.get("health"))
+        before = (state.get("data") or {}).get("examples")
+        if before is not None and before != len(self.examples) and self.acc.is_main_process:
+            print(f"warning: --resume: {folder.name} was trained on {before:,} examples, the data now gives "
+                  f"{len(self.examples):,}; the example order continues from step {self.global_step} over the new "
+                  "data (seeded by --seed and the step), so this is not the run the checkpoint was part of.")
         if self.acc.is_main_process:
             _truncate_metrics(self.out / "metrics.jsonl", self.global_step)
             print(f"resumed from {folder} at step {self.global_step}")
@@ -64,17 +108,32 @@ class CheckpointMixin:
         if self.plan.output.save_interval or self.health.keep_best:
             self.save_checkpoint()
         self.health.export_best(self)
+        error = None
         if self.acc.is_main_process:
-            model = self.unwrapped()
-            tmp = self.out / f".final.tmp-{os.getpid()}"
-            ckpt.save_model_folder(model, self.tokenizer, tmp, merge_lora=True)
-            for f in tmp.iterdir():
-                os.replace(f, self.out / f.name)
-            tmp.rmdir()
-            if hasattr(model, "peft_config"):
-                model.save_pretrained(self.out / "adapter")
-            print(f"saved the {'student' if self.distilling else 'model'} to {self.out}")
+            try:
+                self._export()
+            except DiskWriteError as exc:
+                error = exc
+        if self._sum(1.0 if error else 0.0) > 0:
+            raise error or DiskWriteError("the main process could not write the final model (see its error).")
         self.acc.wait_for_everyone()
+
+    def _export(self) -> None:
+        model = self.unwrapped()
+        tmp = self.out / f".final.tmp-{os.getpid()}"
+        ckpt.check_space(self.out, ckpt.model_bytes(model), "the final model")
+        with ckpt.guarded_write(tmp, "the final model", self.out):
+            ckpt.save_model_folder(model, self.tokenizer, tmp, merge_lora=True)
+            if hasattr(model, "peft_config"):
+                model.save_pretrained(tmp / "adapter")
+        for f in tmp.iterdir():
+            if f.is_dir() and (self.out / f.name).is_dir():
+                import shutil
+
+                shutil.rmtree(self.out / f.name)
+            os.replace(f, self.out / f.name)
+        tmp.rmdir()
+        print(f"saved the {'student' if self.distilling else 'model'} to {self.out}")
 
     # -- signals -----------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> dict:

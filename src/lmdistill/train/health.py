@@ -7,7 +7,8 @@
 The loop hands `Health` every optimizer step's metrics and every evaluation. Train metrics are already summed over
 processes and eval results are broadcast from the main process, so every process takes the same decisions (save a
 best checkpoint, stop early, stop on a warning) without further talk. What it keeps between steps (best value and
-step, patience counter, the checks' windows) is a plain dict in every checkpoint, so --resume continues exactly.
+step, patience counter, the checks' windows) is a `HealthState` of named fields, saved as a plain dict in every
+checkpoint, so --resume continues exactly.
 
 Warnings: a `{"type": "health", "check": NAME, ...}` record in metrics.jsonl and a `warning:` line in the log, each
 saying what was seen and what to try, from numbers the loop already computes:
@@ -29,6 +30,7 @@ from __future__ import annotations
 import math
 import re
 import statistics
+from dataclasses import asdict, dataclass, field, fields
 
 from lmdistill.errors import LmdistillError
 
@@ -198,10 +200,59 @@ def gradients(medians: list[float], loss_now: float, loss_first: float) -> dict 
 
 
 # -- the run's watcher ---------------------------------------------------------------------------------------
-def fresh_state(metric: str) -> dict:
-    return {"metric": metric, "best_value": None, "best_step": None, "bad_evals": 0, "stopped_at": None,
-            "evals": [], "since_eval": [0.0, 0], "kd": [0.0, 0, []], "grad": [[], [], [], None], "warned": [],
-            "last_eval": None, "last_value": None}
+@dataclass
+class HealthState:
+    """What `Health` keeps between steps, checkpointed (`as_dict`/`from_dict`: a plain dict of builtins)."""
+
+    metric: str  # the metric --keep_best / early stopping follow
+    best_value: float | None = None  # its best evaluated value, and the step of it
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations in a row without a gain of more than --early_stopping_min_delta
+    stopped_at: int | None = None  # the step early stopping stopped the run at
+    last_value_step: int | None = None  # the latest evaluation's value of the metric, and its step
+    last_value: float | None = None
+    last_eval: dict | None = None  # the latest evaluation's ce, agreement and teacher_ce
+    # overfitting: [step, held-out CE, mean training loss since the previous evaluation] of the latest evaluations
+    evals: list[list] = field(default_factory=list)
+    since_eval_loss: float = 0.0  # training loss summed over the steps since the last evaluation, and their number
+    since_eval_steps: int = 0
+    # kd_plateau: KD loss summed over the current window's steps, their number, and the mean of each earlier window
+    kd_loss_sum: float = 0.0
+    kd_steps: int = 0
+    kd_windows: list[float] = field(default_factory=list)
+    # grad_explode / grad_vanish: the current window's gradient norms and losses, the median norm of each earlier
+    # window, and the mean loss of the first window (what "the training loss is still high" compares with)
+    grad_norms: list[float] = field(default_factory=list)
+    grad_losses: list[float] = field(default_factory=list)
+    grad_medians: list[float] = field(default_factory=list)
+    grad_reference_loss: float | None = None
+    warned: list[str] = field(default_factory=list)  # the checks that have warned (each warns once per run)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "HealthState":
+        """The state a checkpoint saved: this dict of named fields, or the dict of positional lists that
+        checkpoints saved before (`since_eval`, `kd`, `grad`, `last_value` as [step, value])."""
+        if any(k in state for k in ("since_eval", "kd", "grad")) or isinstance(state.get("last_value"), list):
+            state = _named_fields(state)
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in state.items() if k in names})
+
+
+def _named_fields(old: dict) -> dict:
+    """A state saved as positional lists, in `HealthState`'s named fields."""
+    new = {k: v for k, v in old.items() if k not in ("since_eval", "kd", "grad", "last_value")}
+    if "since_eval" in old:
+        new["since_eval_loss"], new["since_eval_steps"] = old["since_eval"]
+    if "kd" in old:
+        new["kd_loss_sum"], new["kd_steps"], new["kd_windows"] = old["kd"]
+    if "grad" in old:
+        new["grad_norms"], new["grad_medians"], new["grad_losses"], new["grad_reference_loss"] = old["grad"]
+    if old.get("last_value"):
+        new["last_value_step"], new["last_value"] = old["last_value"]
+    return new
 
 
 class Health:
@@ -215,7 +266,7 @@ class Health:
         self.patience, self.min_delta, self.strict = h.patience, h.min_delta, h.strict
         self.bound = kd_bound(plan.objective) if distilling else None
         self.kd_window = max(5, total_steps // 20)
-        self.state = fresh_state(self.metric)
+        self.state = HealthState(self.metric)
         self.log = None  # the run's MetricsLogger, set by the loop
         if (self.keep_best or self.patience) and not eval_teacher and direction(self.metric) and (
                 self.metric.startswith(("kl_to_teacher", "agreement"))):
@@ -225,49 +276,49 @@ class Health:
 
     @property
     def stopped(self) -> bool:
-        return self.state["stopped_at"] is not None
+        return self.state.stopped_at is not None
 
     # -- checkpoints --
     def state_dict(self) -> dict:
-        return self.state
+        return self.state.as_dict()
 
     def load_state_dict(self, state: dict | None) -> None:
         if not state:
             return
-        self.state = {**fresh_state(self.metric), **state}
-        if state.get("metric") != self.metric:  # --keep_best changed on resume: its record starts over
-            self.state.update(metric=self.metric, best_value=None, best_step=None, bad_evals=0, stopped_at=None)
+        self.state = HealthState.from_dict({"metric": None, **state})
+        if self.state.metric != self.metric:  # --keep_best changed on resume: its record starts over
+            st = self.state
+            st.metric, st.best_value, st.best_step, st.bad_evals, st.stopped_at = self.metric, None, None, 0, None
 
     def protected(self, out) -> list:
         """The best checkpoint, which checkpoint rotation (--keep_checkpoints) must not delete."""
-        step = self.state["best_step"]
+        step = self.state.best_step
         return [out / f"checkpoint-{step}"] if self.keep_best and step is not None else []
 
     # -- per step / per evaluation --
     def on_step(self, trainer, stats: dict) -> None:
         st = self.state
-        st["since_eval"][0] += stats["loss"]
-        st["since_eval"][1] += 1
+        st.since_eval_loss += stats["loss"]
+        st.since_eval_steps += 1
         found = []
         if self.bound is not None and stats.get("kd_loss") is not None:
-            kd = st["kd"]
-            kd[0], kd[1] = kd[0] + stats["kd_loss"], kd[1] + 1
-            if kd[1] == self.kd_window:
-                kd[2] = (kd[2] + [kd[0] / kd[1]])[-PLATEAU_WINDOWS - 1:]
-                kd[0], kd[1] = 0.0, 0
-                found.append(("kd_plateau", kd_plateau(kd[2], self.bound[0], self.bound[1], self.kd_window,
-                                                       self.plan.objective.kd.alpha, st["last_eval"])))
+            st.kd_loss_sum, st.kd_steps = st.kd_loss_sum + stats["kd_loss"], st.kd_steps + 1
+            if st.kd_steps == self.kd_window:
+                st.kd_windows = (st.kd_windows + [st.kd_loss_sum / st.kd_steps])[-PLATEAU_WINDOWS - 1:]
+                st.kd_loss_sum, st.kd_steps = 0.0, 0
+                found.append(("kd_plateau", kd_plateau(st.kd_windows, self.bound[0], self.bound[1], self.kd_window,
+                                                       self.plan.objective.kd.alpha, st.last_eval)))
         norm = stats.get("grad_norm")
         if norm is not None and not math.isnan(norm):
-            norms, medians, losses = st["grad"][:3]
+            norms, medians, losses = st.grad_norms, st.grad_medians, st.grad_losses
             norms.append(norm)
             losses.append(stats["loss"])
             if len(norms) == GRAD_WINDOW:
                 loss = sum(losses) / len(losses)
-                st["grad"][3] = loss if st["grad"][3] is None else st["grad"][3]
+                st.grad_reference_loss = loss if st.grad_reference_loss is None else st.grad_reference_loss
                 medians.append(statistics.median(norms))
                 del medians[:-50], norms[:], losses[:]
-                check = gradients(medians, loss, st["grad"][3])
+                check = gradients(medians, loss, st.grad_reference_loss)
                 found.append((check["check"], check) if check else ("grad", None))
         self._warn(trainer, found)
 
@@ -275,43 +326,43 @@ class Health:
         """Best model and early stopping after an evaluation (every process); returns True to stop the run."""
         result = _broadcast(trainer, result)
         st, step = self.state, trainer.global_step
-        loss_sum, n = st["since_eval"]
-        st["since_eval"] = [0.0, 0]
-        st["last_eval"] = {k: result.get(k) for k in ("ce", "agreement", "teacher_ce")}
+        loss_sum, n = st.since_eval_loss, st.since_eval_steps
+        st.since_eval_loss, st.since_eval_steps = 0.0, 0
+        st.last_eval = {k: result.get(k) for k in ("ce", "agreement", "teacher_ce")}
         if "ce" in result and n:
-            st["evals"] = (st["evals"] + [[step, result["ce"], loss_sum / n]])[-OVERFIT_EVALS - 1:]
-        self._warn(trainer, [("overfitting", overfitting(st["evals"])), ("collapse", collapse(result)),
+            st.evals = (st.evals + [[step, result["ce"], loss_sum / n]])[-OVERFIT_EVALS - 1:]
+        self._warn(trainer, [("overfitting", overfitting(st.evals)), ("collapse", collapse(result)),
                              ("teacher_worse", teacher_worse(result))])
         if not (self.keep_best or self.patience):
             return False
         value = result.get(self.metric)
         if value is None or math.isnan(value):
             return False
-        best, sign = st["best_value"], 1 if self.mode == "min" else -1
+        best, sign = st.best_value, 1 if self.mode == "min" else -1
         improved = best is None or sign * (value - best) < 0
-        st["bad_evals"] = 0 if best is None or sign * (value - best) < -self.min_delta else st["bad_evals"] + 1
-        st["last_value"] = [step, value]
+        st.bad_evals = 0 if best is None or sign * (value - best) < -self.min_delta else st.bad_evals + 1
+        st.last_value_step, st.last_value = step, value
         if improved:
-            st["best_value"], st["best_step"] = value, step
-        if self.patience and st["bad_evals"] >= self.patience:
-            st["stopped_at"] = step
+            st.best_value, st.best_step = value, step
+        if self.patience and st.bad_evals >= self.patience:
+            st.stopped_at = step
         if improved and self.keep_best:  # the checkpoint holds the state just updated: its best step is itself
             path = trainer.save_checkpoint()
             was = "first evaluation" if best is None else f"was {best:.4f}"
             self._event("best", step, {"metric": self.metric, "value": value, "previous": best,
                                        "checkpoint": f"checkpoint-{step}"},
                         f"best eval {self.metric} so far: {value:.4f} ({was}); saved {path.name if path else ''}")
-        if st["stopped_at"] is None:
+        if st.stopped_at is None:
             return False
         text = (f"early stopping at step {step}: eval {self.metric} did not improve by more than {self.min_delta:g} "
-                f"at {st['bad_evals']} evaluations in a row (best {st['best_value']:.4f} at step {st['best_step']})")
-        self._event("early_stop", step, {"metric": self.metric, "best_value": st["best_value"],
-                                         "best_step": st["best_step"], "patience": self.patience,
+                f"at {st.bad_evals} evaluations in a row (best {st.best_value:.4f} at step {st.best_step})")
+        self._event("early_stop", step, {"metric": self.metric, "best_value": st.best_value,
+                                         "best_step": st.best_step, "patience": self.patience,
                                          "min_delta": self.min_delta, "message": text}, text)
         return True
 
     def _warn(self, trainer, found: list) -> None:
-        warned = self.state["warned"]
+        warned = self.state.warned
         for name, warning in found:
             if warning is None or name in warned:
                 continue
@@ -333,12 +384,12 @@ class Health:
         """--keep_best: load the best checkpoint's weights into the model the loop is about to export (the last
         stays in its checkpoint folder); records which step was kept and why."""
         st, step = self.state, trainer.global_step
-        if not self.keep_best or st["best_step"] is None:
+        if not self.keep_best or st.best_step is None:
             return
-        best = st["best_step"]
+        best = st.best_step
         folder = trainer.out / f"checkpoint-{best}"
-        last = st["last_value"][1] if st["last_value"] and st["last_value"][0] == step else None
-        reason = f"best eval {self.metric} {st['best_value']:.4f}, at step {best}"
+        last = st.last_value if st.last_value_step == step else None
+        reason = f"best eval {self.metric} {st.best_value:.4f}, at step {best}"
         if best != step:
             from lmdistill.train import state as ckpt
 
@@ -351,7 +402,7 @@ class Health:
             ckpt.load_model_weights(trainer.acc.unwrap_model(trainer.model), folder)  # every process, as resume does
             reason += (f"; the last model (step {step}" + (f", {self.metric} {last:.4f}" if last is not None else "") +
                        f") stays in checkpoint-{step}")
-        self._event("final", step, {"exported_step": best, "metric": self.metric, "value": st["best_value"],
+        self._event("final", step, {"exported_step": best, "metric": self.metric, "value": st.best_value,
                                     "last_step": step, "message": reason},
                     f"--keep_best: the final model is step {best}'s ({reason}).")
 

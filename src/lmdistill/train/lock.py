@@ -64,11 +64,35 @@ class RunLock:
             self.path.unlink()
             self.folder.rmdir()
 
+    def __del__(self) -> None:  # a Trainer dropped without close(): its folder is free again
+        try:
+            self.release()
+        except OSError:
+            pass
+
     def __enter__(self) -> "RunLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def check_free(folder: str | Path, what: str = "--output_dir") -> None:
+    """Refuse at once when another live process holds the folder's lock (writes nothing: a shared, non-blocking probe
+    of an existing lock file). Pre-flight calls it before reading any checkpoint the holder may be rotating away."""
+    import fcntl
+
+    path = Path(folder) / LOCK_FILE
+    if not path.is_file():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise LmdistillError(f"{what} '{folder}' is in use by another run ({_describe(_read_holder(fd))}); one folder "
+                             f"holds one run. Wait for it to finish, stop it, or choose another {what}.") from None
+    finally:
+        os.close(fd)
 
 
 def _read_holder(fd: int) -> dict:

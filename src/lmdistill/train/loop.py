@@ -29,6 +29,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from lmdistill.data import shift_labels
+from lmdistill.data.identity import data_fingerprint
 from lmdistill.errors import LmdistillError
 from lmdistill.models import forward_hidden, lm_head_of
 from lmdistill.train import preflight
@@ -38,6 +39,7 @@ from lmdistill.train.checkpointing import CheckpointMixin, debug_hooks
 from lmdistill.train.evaluate import evaluate_lm
 from lmdistill.train.generator import StudentGenerator
 from lmdistill.train.health import Health
+from lmdistill.train.lock import RunLock
 from lmdistill.train.metrics import MetricsLogger
 from lmdistill.train.objectives import objective_fn
 from lmdistill.train.plan import RunPlan
@@ -70,9 +72,20 @@ class Trainer(CheckpointMixin):
         self.acc = _accelerator(plan)
         set_seed(s.seed)
         self.out, self.device = plan.output.output_dir, self.acc.device
+        self.lock = RunLock(self.out).acquire() if self.acc.is_main_process else None  # one run per folder
+        try:
+            self._build(plan)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release(remove_folder_if_empty=True)  # a failed start leaves nothing behind
+            raise
+
+    def _build(self, plan: RunPlan) -> None:
+        s = plan.schedule
         setup = build(plan, self.device, self.acc.is_main_process)
         self.tokenizer, self.teacher, self.examples, self.eval_examples = (
             setup.tokenizer, setup.teacher, setup.examples, setup.eval_examples)
+        self.data_identity = data_fingerprint(plan.data.path) if self.acc.is_main_process else {}
         self.distilling = self.teacher is not None
         self.eval_teacher = self._eval_teacher()
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
@@ -172,9 +185,18 @@ class Trainer(CheckpointMixin):
         return (self.acc.reduce(t, reduction="sum") if self.world > 1 else t).cpu()
 
     def optimizer_step(self) -> float:
-        grad_norm = float("nan")
-        if self.plan.schedule.grad_clip > 0:
-            grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.plan.schedule.grad_clip))
+        """Clip (the norm is measured even without clipping), then update; a NaN/inf gradient norm stops before the
+        update, as a NaN loss does (under an fp16 loss scaler, whose scaled gradients overflow by design, the scaler
+        skips the step instead)."""
+        clip = self.plan.schedule.grad_clip
+        grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf))
+        if not math.isfinite(grad_norm) and self.acc.scaler is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            last = ckpt.list_checkpoints(self.out)
+            raise LmdistillError(f"step {self.global_step + 1}: the gradient norm is {grad_norm}; stopping before the "
+                                 f"optimizer step, the weights unchanged. Last good checkpoint: "
+                                 f"{last[-1] if last else 'none'}. Lower --learning_rate, keep --grad_clip on, or "
+                                 "check the data and the model's weights.")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -208,6 +230,7 @@ class Trainer(CheckpointMixin):
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.write_config(self.out, self.config_record())
         self.acc.wait_for_everyone()
+        self.check_start_space()
         tracking = o.tracker != "none"
         if tracking and self.acc.is_main_process:
             self.acc.init_trackers(o.project, config={k: v for k, v in self.config_record().items() if v is not None})
@@ -240,6 +263,8 @@ class Trainer(CheckpointMixin):
             log.close()
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
+            if self.lock is not None:
+                self.lock.release()  # the run is over (finished, stopped or failed): the folder is free
         return 0
 
     def _eval_due(self) -> bool:
@@ -263,6 +288,8 @@ class Trainer(CheckpointMixin):
 
         if self.generator is not None:
             self.generator.close()
+        if self.lock is not None:
+            self.lock.release()
         if self.world > 1 and dist.is_available() and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()

@@ -7,6 +7,7 @@ import os
 
 from lmdistill.train.memory import MiB, Estimate
 
+
 def size_text(n: float) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", MiB), ("KiB", 2**10)):
         if abs(n) >= scale:

@@ -8,6 +8,7 @@ step, so the first step's warm-up does not inflate it; the first step's own line
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from lmdistill.progress import Rate, bar, format_eta, interactive
@@ -22,6 +23,22 @@ def loss_terms(record: dict) -> list[str]:
     return sorted(names, key=lambda t: (FIRST_TERMS.index(t) if t in FIRST_TERMS else len(FIRST_TERMS), t))
 
 
+def _finite(value):
+    """NaN and infinities as JSON null (strict JSON has neither), inside lists and dicts too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_line(record: dict) -> str:
+    """One strict-JSON line of metrics.jsonl (non-finite numbers written as null)."""
+    return json.dumps(_finite(record), allow_nan=False) + "\n"
+
+
 class MetricsLogger:
     """Writes metrics on the main process only; every method is a no-op elsewhere."""
 
@@ -33,7 +50,7 @@ class MetricsLogger:
         self.bar = bar(total_steps, "train", "step", initial=start_step) if is_main and interactive() else None
 
     def _write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json_line(record))
         self.file.flush()
         if self.trackers:
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
@@ -71,7 +88,7 @@ class MetricsLogger:
         metrics.jsonl, not sent to trackers, and its line in the log."""
         if not self.is_main:
             return
-        self.file.write(json.dumps({"type": kind, "step": step, **fields}) + "\n")
+        self.file.write(json_line({"type": kind, "step": step, **fields}))
         self.file.flush()
         if text:
             self.message(text)

@@ -37,7 +37,10 @@ def _common(p: argparse.ArgumentParser, command: str) -> None:
     a("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
       help="continue from the newest complete checkpoint in --output_dir, or from the given checkpoint folder")
     a("--allow_config_change", action="store_true",
-      help="with --resume: accept options that differ from the checkpoint's (e.g. a new learning rate)")
+      help="with --resume: accept options that differ from the checkpoint's (e.g. a new learning rate) and data that "
+           "changed since it was written (the resume is then not exact)")
+    a("--strict_resume", action="store_true",
+      help="with --resume: refuse a damaged newest checkpoint instead of falling back to the newest intact one")
     a("--tokenizer", default=None,
       help=f"tokenizer folder (default: the {'teacher' if command == 'distill' else 'model'} folder's own); every "
            "tokenizer involved must have the same vocabulary")

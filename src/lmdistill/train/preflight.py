@@ -37,7 +37,7 @@ RUN_ONLY = frozenset({
     "output_dir", "resume", "overwrite", "allow_config_change", "config", "command", "device", "log_interval",
     "save_interval", "keep_checkpoints", "eval_data", "eval_interval", "eval_batches", "report_to", "use_wandb",
     "wandb_project", "num_workers", "ddp", "keep_best", "early_stopping_patience", "early_stopping_min_delta",
-    "strict_health",
+    "strict_health", "strict_resume",
 })
 MODEL_OVERRIDES = ("hidden_size", "num_layers", "use_moe")  # a preset's shape, from the command line
 PATH_OPTIONS = ("data", "model", "student", "teacher", "tokenizer", "teacher_cache", "teacher_adapter")
@@ -226,9 +226,12 @@ def run_outputs(folder: Path) -> list[Path]:
 
 
 def _check_output_dir(v: dict, command: str) -> tuple[Path | None, list[Path]]:
+    from lmdistill.train.lock import check_free
+
     out = Path(v["output_dir"])
     if out.exists() and not out.is_dir():
         raise LmdistillError(f"--output_dir: expected a folder for the run, found a file at '{out}'.")
+    check_free(out)
     for flag in PATH_OPTIONS:
         for value in _as_list(v.get(flag)):
             if Path(value).exists() and Path(value).resolve() == out.resolve():
@@ -237,9 +240,10 @@ def _check_output_dir(v: dict, command: str) -> tuple[Path | None, list[Path]]:
     if v["resume"] and v["overwrite"]:
         raise LmdistillError("--resume continues the run in --output_dir and --overwrite deletes it: give one.")
     if v["resume"]:
-        folder = ckpt.find_resume_checkpoint(out, v["resume"])
+        folder = ckpt.find_resume_checkpoint(out, v["resume"], strict=v["strict_resume"])
         if not v["allow_config_change"]:
             _check_same_config(v, folder)
+        _check_same_data(v, folder)
         return folder, []
     # finished stages of a progressive run (`train/progressive.py`) are its last stage's neighbours, not a used run
     old = [p for p in run_outputs(out) if not (p.name.startswith("stage-") and (p / "stage_done.json").is_file())]
@@ -261,6 +265,30 @@ def _check_same_config(v: dict, folder: Path) -> None:
         raise LmdistillError(f"--resume: checkpoint '{folder}' was trained with other options: {'; '.join(differ)}. "
                              "Resume with the same options, or pass --allow_config_change to continue with the new "
                              "ones (e.g. a new learning rate).")
+
+
+def _check_same_data(v: dict, folder: Path) -> None:
+    """--resume over data that changed under the run is refused (--allow_config_change: a warning)."""
+    import json
+
+    from lmdistill.data.identity import data_fingerprint, describe_change
+
+    record = folder / ckpt.DATA_FILE
+    if not record.is_file():  # a checkpoint written before data identities were recorded
+        return
+    old = json.loads(record.read_text())
+    if not _same("data", old.get("path"), v["data"]):
+        return  # another --data: the options check names it (or --allow_config_change accepted it)
+    change = describe_change(old, data_fingerprint(v["data"]))
+    if change is None:
+        return
+    what = f"--data '{v['data']}' changed since {folder.name} was written ({change})"
+    if not v["allow_config_change"]:
+        raise LmdistillError(f"--resume: {what}. Resuming would not continue the same run: the example order is "
+                             "computed over the data. Restore the data, or pass --allow_config_change to continue "
+                             "over the new data anyway.")
+    print(f"warning: --resume: {what}; continuing (--allow_config_change), but the resume is not exact: from "
+          f"{folder.name} on, the example order is computed over the new data (seeded by --seed and the step).")
 
 
 def _as_list(value: Any) -> list:
