@@ -13,6 +13,22 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_store_cache(tmp_path_factory):
+    """Tokenized stores (`lmdistill.data.store`) of this session go to a temporary folder, not ~/.cache; subprocesses
+    inherit it through the environment."""
+    import os
+
+    folder = tmp_path_factory.mktemp("lmdistill_cache")
+    previous = os.environ.get("LMDISTILL_CACHE")
+    os.environ["LMDISTILL_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("LMDISTILL_CACHE", None)
+    else:
+        os.environ["LMDISTILL_CACHE"] = previous
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matmuls gain nothing from threads, and OpenMP threads crawl when the CPU is shared."""

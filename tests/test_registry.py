@@ -59,11 +59,16 @@ class FavouriteKind(TeacherKind):
         return BUILT[-1]
 
 
+def _registered(register, unregister, part):
+    """A fixture's body: the part registered for one test, removed after it (so other tests see the usual parts)."""
+    register(part)
+    yield
+    unregister(part.name)
+
+
 @pytest.fixture
 def favourite_kind():
-    register_teacher_kind(FavouriteKind)
-    yield
-    unregister_teacher_kind(FavouriteKind.name)
+    yield from _registered(register_teacher_kind, unregister_teacher_kind, FavouriteKind)
 
 
 def test_a_new_teacher_kind_runs_through_the_python_api(favourite_kind, tiny_tokenizer_dir, tiny_chat, tmp_path):
@@ -114,9 +119,7 @@ class SameExampleSource(SourceKind):
 
 @pytest.fixture
 def same_example_source():
-    register_source(SameExampleSource)
-    yield
-    unregister_source(SameExampleSource.name)
+    yield from _registered(register_source, unregister_source, SameExampleSource)
 
 
 def test_a_new_batch_source_runs_through_the_python_api(same_example_source, tiny_teacher_dir, tiny_chat, tmp_path):

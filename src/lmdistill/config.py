@@ -250,6 +250,35 @@ def _config_path(argv: Sequence[str]) -> str | None:
     return None
 
 
+# -- registries of parts ----------------------------------------------------------------------------------
+class Registry(dict):
+    """Named parts (teacher kinds, batch sources) in registration order. `version` changes with every
+    registration or removal, so what is made from the parts' options (config classes, parsers) is made again."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what, self.version = what, 0
+
+    def register(self, part: type) -> type:
+        """Register (or replace) a part under its `name`; usable as a class decorator."""
+        if not getattr(part, "name", ""):
+            raise LmdistillError(f"{part.__name__}: a {self.what} needs a name.")
+        self[part.name] = part
+        self.version += 1
+        return part
+
+    def unregister(self, name: str) -> None:
+        """Remove a registered part (a plugin's, a test's)."""
+        self.pop(name, None)
+        self.version += 1
+
+    def part(self, name: str) -> type:
+        try:
+            return self[name]
+        except KeyError:
+            raise LmdistillError(f"unknown {self.what} '{name}'; registered: {', '.join(self)}.") from None
+
+
 # -- typed config objects ------------------------------------------------------------------------------------
 class ConfigBase:
     """A command's options as a typed object (see `config_class`): `command` names the command, `values()` gives

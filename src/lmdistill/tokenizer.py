@@ -154,7 +154,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lmdistill.data.options import add_data_arguments
 
     add_data_arguments(parser, "data files in any format `lmdistill data` reads (.jsonl .json .parquet .txt, "
-                               "datasets folder)", several=True)
+                               "datasets folder)", several=True, store=False)
     parser.add_argument("--vocab_size", type=int_at_least(MIN_VOCAB), default=6400,
                         help="vocabulary size, special tokens and the 256 bytes included")
     parser.add_argument("--output_dir", required=True, help="folder to write the HF tokenizer to")

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmdistill.data.formats import normalize_format
-from lmdistill.data.loader import DataStats, Examples, iter_parsed
+from lmdistill.data.loader import iter_parsed
+from lmdistill.data.stats import DataStats, Examples
 from lmdistill.data.render import IGNORE_INDEX, _check_messages, _locate_turn, _tokenize_with_spans
 from lmdistill.errors import LmdistillError
 from lmdistill.data.alignment import common_boundaries, token_boundaries, token_bytes

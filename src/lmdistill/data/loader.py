@@ -13,76 +13,33 @@ examples and examples left without a trained token are counted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from lmdistill.data.formats import Parsed, detect_format, normalize_format, parse_record, record_texts
 from lmdistill.data.readers import iter_raw_records
 from lmdistill.data.render import IGNORE_INDEX, render_conversation_examples
+from lmdistill.data.stats import DataStats, Examples, check_trainable
 from lmdistill.errors import LmdistillError
 
 T = TypeVar("T")
-MAX_BAD_LINES = 10
-
-
-@dataclass
-class DataStats:
-    """What `load_examples` did with a file. `bad_record_lines` holds the first 10 bad line numbers (JSONL,
-    1-based) or record indices (JSON lists, parquet, datasets folders, 0-based; see `bad_unit`)."""
-
-    source: str = ""
-    data_format: str = "auto"
-    max_seq_len: int = 0
-    records: int = 0  # records read, bad ones included
-    examples: int = 0
-    truncated: int = 0
-    dropped_no_trained: int = 0  # examples with no trained token left after truncation
-    bad_records: int = 0
-    bad_record_lines: list[int] = field(default_factory=list)
-    bad_unit: str = "line"
-    tokens: int = 0
-    trained_tokens: int = 0
-    split_sequences: int = 0  # extra sequences made because the template rewrites earlier turns (Qwen3)
-
-    def add_bad(self, number: int, unit: str) -> None:
-        self.bad_records += 1
-        self.bad_unit = unit
-        if len(self.bad_record_lines) < MAX_BAD_LINES:
-            self.bad_record_lines.append(number)
-
-    def summary(self) -> str:
-        """One paragraph for a person: what was read, made, cut, dropped and skipped."""
-        unit = "block" if self.data_format == "text" else "example"
-        parts = [f"{self.source} ({self.data_format}): {_n(self.records, 'record')} read -> {_n(self.examples, unit)} "
-                 f"of at most {self.max_seq_len} tokens, {self.tokens:,} tokens of which {self.trained_tokens:,} "
-                 f"trained ({100 * self.trained_tokens / max(self.tokens, 1):.1f}%)."]
-        if self.split_sequences:
-            parts.append(f"{self.split_sequences:,} extra sequences because the chat template renders earlier "
-                         "assistant turns differently (each turn is trained once, as the model produces it).")
-        parts.append(f"{self.truncated:,} truncated to {self.max_seq_len} tokens; {self.dropped_no_trained:,} "
-                     "dropped because no trained token survived truncation.")
-        if self.bad_records:
-            where = ", ".join(map(str, self.bad_record_lines)) + (", ..." if self.bad_records > MAX_BAD_LINES else "")
-            parts.append(f"{_n(self.bad_records, 'bad record')} skipped ({self.bad_unit}s {where}).")
-        return " ".join(parts)
-
-
-def _n(count: int, noun: str) -> str:
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
-
-
-class Examples(list):
-    """A list of `{"input_ids": list[int], "labels": list[int]}` that also carries `.stats` (DataStats)."""
-
-    def __init__(self, items: Iterable[dict] = (), stats: DataStats | None = None):
-        super().__init__(items)
-        self.stats = stats if stats is not None else DataStats()
 
 
 def load_examples(path: str | Path, tokenizer, max_seq_len: int = 512, data_format: str = "auto",
-                  skip_bad_records: bool = False) -> Examples:
-    """Read `path` (JSONL, JSON list, parquet, datasets folder, .txt) into training examples.
+                  skip_bad_records: bool = False, num_proc: int | None = None, cache_dir: str | Path | None = None):
+    """Read `path` (JSONL, JSON list, parquet, datasets folder, .txt) into training examples, through the
+    tokenized store (`lmdistill.data.store`): tokenized with `num_proc` processes the first time these inputs are
+    seen, opened memory-mapped afterwards. Returns a read-only sequence of the dicts `tokenize_examples` makes, in
+    the same order, with the same `.stats`."""
+    from lmdistill.data.store import open_or_build
+
+    return open_or_build(path, tokenizer, max_seq_len, data_format, skip_bad_records, num_proc, cache_dir)
+
+
+def tokenize_examples(path: str | Path, tokenizer, max_seq_len: int = 512, data_format: str = "auto",
+                      skip_bad_records: bool = False) -> Examples:
+    """Read `path` (JSONL, JSON list, parquet, datasets folder, .txt) into training examples in memory, in one
+    process (the reference the store is tested against).
 
     Each example has `input_ids` and `labels` (lists of int, equal length <= max_seq_len, -100 where not
     trained) and at least one trained label a shifted loss can use (position >= 1).
@@ -104,7 +61,7 @@ def load_examples(path: str | Path, tokenizer, max_seq_len: int = 512, data_form
     for sequences in iter_parsed(path, stats, skip_bad_records, convert):
         _extend(examples, sequences)
     _extend(examples, packer.finish())
-    _check_trainable(examples)
+    check_trainable(examples.stats)
     return examples
 
 
@@ -163,19 +120,6 @@ def _extend(examples: Examples, sequences: Iterable[tuple[list[int], list[int]]]
         stats.examples += 1
         stats.tokens += len(ids)
         stats.trained_tokens += trained
-
-
-def _check_trainable(examples: Examples) -> None:
-    stats = examples.stats
-    if examples:
-        return
-    if stats.bad_records == stats.records:
-        raise LmdistillError(f"{stats.source}: no usable record: all {stats.records:,} records are bad "
-                             f"({stats.bad_unit}s {', '.join(map(str, stats.bad_record_lines))}).")
-    raise LmdistillError(
-        f"{stats.source}: no trainable token: {stats.records:,} records gave no example with a trained token "
-        f"({stats.truncated:,} truncated to max_seq_len={stats.max_seq_len}, {stats.dropped_no_trained:,} dropped "
-        "because nothing trained survived truncation). Raise max_seq_len or check the data.")
 
 
 class _TextPacker:

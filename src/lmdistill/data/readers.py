@@ -58,25 +58,33 @@ def check_data_path(path: str | Path, flag: str = "--data") -> None:
         raise LmdistillError(f"{flag}: '{path}' has the unsupported file type '{path.suffix}'. Expected {SUPPORTED_FILES}.")
 
 
+def check_readable(path: str | Path) -> None:
+    """The error `iter_raw_records` would raise before its first record: no such file, or an unsupported type."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    if not path.is_file():
+        raise LmdistillError(f"data file '{path}' not found. Expected {SUPPORTED_FILES}.")
+    if path.suffix not in (".jsonl", ".ndjson", ".json", ".parquet", ".txt"):
+        raise LmdistillError(f"{path}: unsupported file type '{path.suffix}'. Expected {SUPPORTED_FILES}.")
+
+
 def iter_raw_records(path: str | Path) -> Iterator[RawRecord]:
     """Yield every record of `path` as a `RawRecord`, malformed ones included (with `error` set)."""
     path = Path(path)
+    check_readable(path)
     if path.is_dir():
         yield from _read_saved_dataset(path)
-    elif not path.is_file():
-        raise LmdistillError(f"data file '{path}' not found. Expected {SUPPORTED_FILES}.")
     elif path.suffix in (".jsonl", ".ndjson"):
         yield from _read_jsonl(path)
     elif path.suffix == ".json":
         yield from _read_json(path)
     elif path.suffix == ".parquet":
         yield from _read_parquet(path)
-    elif path.suffix == ".txt":
+    else:
         text = _read_text(path)
         if text.strip():  # an empty .txt has no record: the caller reports an empty file
             yield RawRecord(str(path), 1, "line", {"text": text})
-    else:
-        raise LmdistillError(f"{path}: unsupported file type '{path.suffix}'. Expected {SUPPORTED_FILES}.")
 
 
 def _json_error(exc) -> str:
@@ -104,8 +112,18 @@ def _preview(value: Any, limit: int = 60) -> str:
 
 def _read_jsonl(path: Path) -> Iterator[RawRecord]:
     """One JSON object a line; blank lines are not records and are passed over."""
+    yield from read_jsonl_lines(path)
+
+
+def read_jsonl_lines(path: str | Path, offset: int = 0, first: int = 1, count: int | None = None
+                      ) -> Iterator[RawRecord]:
+    """The records of `count` lines (all when None) starting at byte `offset`, which is line number `first` (a
+    shard of a JSONL file: `lmdistill.data.store`)."""
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
+        f.seek(offset)
+        for number, raw in enumerate(f, start=first):
+            if count is not None and number >= first + count:
+                break
             if not raw.strip():
                 continue
             try:

@@ -129,7 +129,8 @@ def _run_lm(args, models, tokenizer_paths, tokenizers, device) -> tuple[dict, li
     for name, tok_path in zip(models, tokenizer_paths):
         tokenizer = tokenizers[tok_path]
         if tok_path not in examples:
-            loaded = load_examples(args.data, tokenizer, args.max_seq_len, args.data_format)
+            loaded = load_examples(args.data, tokenizer, args.max_seq_len, args.data_format, num_proc=args.num_proc,
+                                   cache_dir=args.data_cache)
             examples[tok_path] = loaded[: args.max_examples] if args.max_examples else loaded
             print(f"{loaded.stats.summary()} Evaluating on {len(examples[tok_path]):,} examples.")
         model = load_model(name, tokenizer=tokenizer, dtype=args.dtype, device=device)

@@ -48,12 +48,14 @@ def cache_teacher(config) -> Path:
 
     tokenizer = _preflight(config)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    examples = load_examples(config.data, tokenizer, config.max_seq_len, config.data_format, config.skip_bad_records)
+    store = dict(num_proc=config.num_proc, cache_dir=config.data_cache)
+    examples = load_examples(config.data, tokenizer, config.max_seq_len, config.data_format, config.skip_bad_records,
+                             **store)
     print(f"data: {examples.stats.summary()}")
     eval_examples = None
     if config.eval_data:
         eval_examples = load_examples(config.eval_data, tokenizer, config.max_seq_len, config.data_format,
-                                      config.skip_bad_records)
+                                      config.skip_bad_records, **store)
         print(f"eval data: {eval_examples.stats.summary()}")
     teacher = load_teacher(config.teacher, adapter=config.teacher_adapter, dtype=config.teacher_dtype, device=device,
                            tokenizer=tokenizer)

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
 
+from lmdistill.config import Registry
 from lmdistill.errors import LmdistillError
 
 # What a teacher can do (the capabilities the run's parts ask for):
@@ -130,34 +131,12 @@ class TeacherKind:
         raise NotImplementedError
 
 
-TEACHER_KINDS: dict[str, type[TeacherKind]] = {}
-_VERSION = [0]  # bumped at every registration: config classes made from the options are rebuilt
-
-
-def register_teacher_kind(kind: type[TeacherKind]) -> type[TeacherKind]:
-    """Register (or replace) a teacher kind; usable as a class decorator."""
-    if not kind.name:
-        raise LmdistillError(f"{kind.__name__}: a teacher kind needs a name.")
-    TEACHER_KINDS[kind.name] = kind
-    _VERSION[0] += 1
-    return kind
-
-
-def unregister_teacher_kind(name: str) -> None:
-    """Remove a registered kind (a plugin's, a test's)."""
-    TEACHER_KINDS.pop(name, None)
-    _VERSION[0] += 1
-
-
-def registry_version() -> int:
-    return _VERSION[0]
+TEACHER_KINDS = Registry("teacher kind")  # a new version rebuilds the config classes made from the options
+register_teacher_kind, unregister_teacher_kind = TEACHER_KINDS.register, TEACHER_KINDS.unregister
 
 
 def kind_of(spec: TeacherSpec) -> type[TeacherKind]:
-    try:
-        return TEACHER_KINDS[spec.kind]
-    except KeyError:
-        raise LmdistillError(f"unknown teacher kind '{spec.kind}'; registered: {', '.join(TEACHER_KINDS)}.") from None
+    return TEACHER_KINDS.part(spec.kind)
 
 
 def capabilities_of(spec: TeacherSpec) -> frozenset[str]:

@@ -32,7 +32,7 @@ import torch
 
 from lmdistill.data import pad_batch
 from lmdistill.data.batch import Batch, TeacherTokens
-from lmdistill.errors import LmdistillError
+from lmdistill.config import Registry
 
 
 class ExampleStream:
@@ -144,27 +144,8 @@ class SourceKind:
         return dataset
 
 
-SOURCES: dict[str, type[SourceKind]] = {}
-_VERSION = [0]
-
-
-def register_source(kind: type[SourceKind]) -> type[SourceKind]:
-    """Register (or replace) a batch source kind; usable as a class decorator."""
-    if not kind.name:
-        raise LmdistillError(f"{kind.__name__}: a batch source kind needs a name.")
-    SOURCES[kind.name] = kind
-    _VERSION[0] += 1
-    return kind
-
-
-def unregister_source(name: str) -> None:
-    """Remove a registered source kind (a plugin's, a test's)."""
-    SOURCES.pop(name, None)
-    _VERSION[0] += 1
-
-
-def registry_version() -> int:
-    return _VERSION[0]
+SOURCES = Registry("batch source")
+register_source, unregister_source = SOURCES.register, SOURCES.unregister
 
 
 def selected_source(values: Mapping[str, Any]) -> type[SourceKind]:

@@ -105,7 +105,11 @@ def run_shape(plan: RunPlan, extra_trainable: int = 0, prompt_tokens: int = 0, l
 
 
 def data_bytes(examples) -> int:
-    """The tokenized examples as Python holds them (sys.getsizeof of dicts, lists and int objects)."""
+    """What the tokenized examples take in the process: for the memory-mapped store (`lmdistill.data.store`) its
+    per-example arrays (row index and lengths; the tokens stay in the page cache); for examples in memory, what
+    Python holds (sys.getsizeof of dicts, lists and int objects)."""
+    if hasattr(examples, "lengths") and hasattr(examples, "index"):
+        return int(examples.index.nbytes + examples.lengths.nbytes)
     total = 0
     for ex in examples:
         total += sys.getsizeof(ex)
@@ -135,7 +139,9 @@ def visible_memory(device: str) -> tuple[int, str]:
 def build_estimate(plan: RunPlan, examples) -> Estimate:
     """The run's estimate from its plan and the tokenized examples; no weight loads."""
     student, teachers, extra = shapes(plan)
-    longest = max((len(ex.get("input_ids", ())) for ex in examples), default=0)
+    lengths = getattr(examples, "lengths", None)
+    longest = int(lengths.max(initial=0)) if lengths is not None else max(
+        (len(ex.get("input_ids", ())) for ex in examples), default=0)
     run = run_shape(plan, extra, longest_prompt(examples) if generates(plan) else 0, longest)
     visible, visible_what = visible_memory(run.device)
     est = estimate(run, student, teachers, len(examples), data_bytes(examples) if run.device == "cpu" else 0, visible)

@@ -110,7 +110,7 @@ class Trainer(CheckpointMixin):
                                               plan.dtype, self.unwrapped, lambda: self.global_step)
         dataset = DatasetStream(self.examples, self.tokenizer.pad_token_id, s.batch_size, s.accumulation_steps,
                                 s.seed, self.world, self.rank, self.device)
-        self.source = SOURCES[plan.source.kind].build(plan, dataset, self) if self.distilling else dataset
+        self.source = SOURCES.part(plan.source.kind).build(plan, dataset, self) if self.distilling else dataset
         self.loss_fn = objective_fn(plan.objective.name)
         head = lm_head_of(self.model)
         if (head.logit_scale != 1.0 or head.softcap) and plan.objective.name == "cross_tokenizer":

@@ -28,7 +28,8 @@ loss's buffers are not alive at once, nor all activations with all gradients):
 - loss: the fused loss's fp32 [chunk, V] buffers (student logits, teacher logits; one more for an ensemble),
   `auto_chunk_size` rows each, and the hidden states' gradient [N, H] fp32 (the lm_head weight gradient it makes in
   its forward is that weight's .grad, counted with the gradients).
-- CPU only (the peak is RSS): the process baseline CPU_BASELINE_BYTES and the tokenized data (sys.getsizeof).
+- CPU only (the peak is RSS): the process baseline CPU_BASELINE_BYTES and the tokenized data (`estimate.data_bytes`:
+  12 bytes per example of a memory-mapped store, or what Python holds for examples in memory).
 - rows: a batch is padded to its longest row, so tokens per row are the data's longest example (at most
   --max_seq_len; `RunShape.train_len`). On-policy steps (`--on_policy_fraction`, `--method minillm`) train on
   prompt + the student's own reply: the longest prompt in the data + --max_new_tokens tokens per row (or the longest

@@ -62,8 +62,8 @@ def format_estimate(est: Estimate) -> str:
                      "prefill)", est.generation))
     if r.vllm_bytes:
         rows.append(("vLLM's reserved share (--vllm_gpu_memory_utilization)", r.vllm_bytes))
-    labels = {"baseline": "process baseline (python, torch, transformers: RSS)", "data": "tokenized data (Python "
-              "lists)", "teacher_cache": "teacher cache files (held in RAM)"}
+    labels = {"baseline": "process baseline (python, torch, transformers: RSS)", "data": "tokenized data (in the "
+              "process)", "teacher_cache": "teacher cache files (held in RAM)"}
     rows += [(labels[k], v) for k, v in est.host.items() if cpu]
     for label, value in rows:
         a, b = (est.activations, est.activations_checkpointed) if label.startswith("activations") else (value, value)

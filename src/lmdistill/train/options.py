@@ -176,7 +176,7 @@ _CLASSES: dict[str, tuple[tuple[int, int], type]] = {}
 
 def config_for(command: str) -> type:
     """`TrainConfig` or `DistillConfig` as the registries stand now (made again after a kind registers)."""
-    version = (teacher_registry.registry_version(), source_registry.registry_version())
+    version = (teacher_registry.TEACHER_KINDS.version, source_registry.SOURCES.version)
     known = _CLASSES.get(command)
     if known is None or known[0] != version:
         name = {"train": "TrainConfig", "distill": "DistillConfig"}[command]

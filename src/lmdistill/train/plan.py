@@ -50,6 +50,8 @@ class DataPlan:
     max_seq_len: int
     mode: str = "examples"  # examples | prompts (every reply is the student's) | cross (both tokenizations)
     eval_path: str | None = None
+    num_proc: int | None = None  # processes that build the tokenized store (None: every core)
+    cache_dir: str | None = None  # where stores live (None: $LMDISTILL_CACHE/data or ~/.cache/lmdistill/data)
 
 
 @dataclass(frozen=True)

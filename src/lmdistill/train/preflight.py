@@ -37,7 +37,7 @@ RUN_ONLY = frozenset({
     "output_dir", "resume", "overwrite", "allow_config_change", "config", "command", "device", "log_interval",
     "save_interval", "keep_checkpoints", "eval_data", "eval_interval", "eval_batches", "report_to", "use_wandb",
     "wandb_project", "num_workers", "ddp", "keep_best", "early_stopping_patience", "early_stopping_min_delta",
-    "strict_health", "strict_resume",
+    "strict_health", "strict_resume", "num_proc", "data_cache",
 })
 MODEL_OVERRIDES = ("hidden_size", "num_layers", "use_moe")  # a preset's shape, from the command line
 PATH_OPTIONS = ("data", "model", "student", "teacher", "tokenizer", "teacher_cache", "teacher_adapter")
@@ -94,7 +94,7 @@ def _plan(v: dict, command: str, tokenizer, teacher, source, health_plan, resume
         student=StudentPlan(ref, flag, overrides, lora, v["gradient_checkpointing"]),
         teacher=teacher,
         data=DataPlan(v["data"], v["data_format"], v["skip_bad_records"], v["max_seq_len"],
-                      source.data_mode(v) if distill else "examples", v["eval_data"]),
+                      source.data_mode(v) if distill else "examples", v["eval_data"], v["num_proc"], v["data_cache"]),
         source=SourcePlan(source.name, v["on_policy_fraction"] if distill else 0.0, generation, source.settings(v)),
         objective=_objective(v, source) if distill else Objective("ce"),
         schedule=Schedule(v["max_steps"], v["epochs"], v["batch_size"], v["accumulation_steps"], v["learning_rate"],

@@ -65,7 +65,7 @@ def load_train_examples(plan: RunPlan, teacher_tokenizer=None):
     if d.mode == "prompts":
         return prompt_examples(d.path, tokenizer, d.max_seq_len, d.format)
     try:
-        return load_examples(d.path, tokenizer, d.max_seq_len, d.format, d.skip_bad_records)
+        return load_examples(d.path, tokenizer, d.max_seq_len, d.format, d.skip_bad_records, d.num_proc, d.cache_dir)
     except LmdistillError as exc:
         if plan.objective.name == "minillm" and "without any assistant turn" in str(exc):
             raise LmdistillError(f"{exc} --method minillm trains CE on the dataset's replies (--lm_coef "
@@ -85,7 +85,8 @@ def load_data(plan: RunPlan, is_main: bool, teacher_tokenizer=None):
         print(f"train data: {examples.stats.summary()}")
     eval_examples = None
     if d.eval_path:
-        eval_examples = load_examples(d.eval_path, plan.tokenizer, d.max_seq_len, d.format, d.skip_bad_records)
+        eval_examples = load_examples(d.eval_path, plan.tokenizer, d.max_seq_len, d.format, d.skip_bad_records,
+                                      d.num_proc, d.cache_dir)
     if is_main and eval_examples is not None:
         print(f"eval data: {eval_examples.stats.summary()}")
     return examples, eval_examples
