@@ -5,6 +5,7 @@ string-keyed dict.
     batch.example_index                                   # the examples' indices in the data (offline teachers)
     batch.group                                           # the objective's token group (None: the only one)
     batch.teacher_tokens                                  # a teacher with its own tokenizer: its side of the batch
+    batch.position_ids                                    # packed rows: positions restarting per example
 
 Which loss a batch gets is the run's objective's decision (`lmdistill.train.objectives`), never a matter of which
 fields a batch happens to hold: `group` only tells an objective with several token groups (MiniLLM's sampled
@@ -42,12 +43,22 @@ class Batch:
     ce_weights: Tensor | None = None
     teacher_tokens: TeacherTokens | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # what a new batch source hands its own objective
+    position_ids: Tensor | None = None  # packed rows (several examples a row): positions restart per example
 
     @classmethod
     def of(cls, padded: dict[str, Tensor], device, example_index: list[int], **fields) -> "Batch":
-        """A batch from `pad_batch`'s tensors, moved to `device`."""
+        """A batch from `pad_batch`'s (or `pack_batch`'s) tensors, moved to `device`."""
+        if "position_ids" in padded:
+            fields["position_ids"] = padded["position_ids"].to(device)
         return cls(padded["input_ids"].to(device), padded["attention_mask"].to(device), padded["labels"].to(device),
                    list(example_index), **fields)
+
+    def model_inputs(self) -> dict[str, Tensor | None]:
+        """What a model's forward takes: ids and the attention mask; for packed rows the position ids and no mask
+        (transformers then keeps each example to itself, from where the positions restart)."""
+        if self.position_ids is not None:
+            return {"input_ids": self.input_ids, "attention_mask": None, "position_ids": self.position_ids}
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
     def with_(self, **fields) -> "Batch":
         """A copy with some fields replaced."""

@@ -230,3 +230,20 @@ def full_weights(head: LmHead) -> tuple[torch.Tensor, torch.Tensor | None]:
 
     gather = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
     return gather(head.weight), None if head.bias is None else gather(head.bias)
+
+
+# Layers that mix tokens other than through masked attention (recurrent / convolutional state): a packed row would
+# leak one example's state into the next.
+NOT_PACKABLE_LAYERS = ("linear_attention", "mamba", "conv", "recurrent", "ssm")
+NOT_PACKABLE_MODELS = ("mamba", "mamba2", "falcon_mamba", "rwkv", "jamba", "zamba", "zamba2", "bamba", "lfm2",
+                       "granitemoehybrid", "qwen3_next", "recurrent_gemma", "falcon_h1", "nemotron_h")
+
+
+def packing_blocker(model: Any) -> str | None:
+    """None when the model keeps packed examples apart (attention masked from restarting position ids); else
+    what stops it, in words."""
+    config = unwrap(model).config.get_text_config()
+    if config.model_type in NOT_PACKABLE_MODELS:
+        return f"a {config.model_type} model (recurrent or convolutional layers)"
+    kinds = sorted({t for t in getattr(config, "layer_types", None) or [] if any(k in t for k in NOT_PACKABLE_LAYERS)})
+    return f"{', '.join(kinds)} layers" if kinds else None

@@ -36,7 +36,7 @@ class OnlineTeacher(Teacher):
 
     def score(self, batch) -> ProjectedScores:
         with torch.no_grad():
-            out = forward_hidden(self.model, batch.input_ids, batch.attention_mask, layers=self.keep_layers)
+            out = forward_hidden(self.model, **batch.model_inputs(), layers=self.keep_layers)
             head = lm_head_of(self.model)
             weight, bias = full_weights(head)
         # Cohere/Granite scale and Gemma 2/3 softcap their logits: the loss applies the same, one chunk at a time

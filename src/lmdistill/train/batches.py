@@ -31,6 +31,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import torch
 
 from lmdistill.data import pad_batch
+from lmdistill.data.collate import pack_batch
 from lmdistill.data.batch import Batch, TeacherTokens
 from lmdistill.config import Registry
 
@@ -60,24 +61,64 @@ class BatchSource:
         raise NotImplementedError
 
 
+GROUP_WINDOW_STEPS = 64  # --group_by_length: examples of this many steps are sorted by length together
+
+
 class DatasetStream(BatchSource):
+    """`pack_rows`: several examples a row (`--packing`): rows as long as the micro-batch's longest example (at most
+    `pack_rows`), so the padding goes and no row is longer than without packing (attention, which a dense mask makes
+    quadratic in the row on CPU and in SDPA, costs no more); `group_by_length`: each
+    window of GROUP_WINDOW_STEPS steps' examples sorted by length into micro-batches, their order shuffled (seeded)
+    -- less padding, with the same examples per window. Both keep the step alone fixing which examples it takes."""
+
     def __init__(self, examples: Sequence[dict], pad_token_id: int, batch_size: int, accumulation_steps: int,
-                 seed: int, world: int = 1, rank: int = 0, device: torch.device | str = "cpu"):
+                 seed: int, world: int = 1, rank: int = 0, device: torch.device | str = "cpu",
+                 pack_rows: int | None = None, group_by_length: bool = False):
         self.examples, self.pad, self.device = examples, pad_token_id, device
         self.batch_size, self.accumulation, self.world, self.rank = batch_size, accumulation_steps, world, rank
-        self.stream = ExampleStream(len(examples), seed)
+        self.stream, self.seed = ExampleStream(len(examples), seed), seed
+        self.pack_rows, self.group_by_length, self._window = pack_rows, group_by_length, (None, [])
 
     @property
     def per_step(self) -> int:
         """Examples per optimizer step over all processes."""
         return self.batch_size * self.accumulation * self.world
 
+    def micro_batch_indices(self, step: int, m: int) -> list[int]:
+        """The examples of this process's micro-batch m of `step`."""
+        bs = self.batch_size
+        if not self.group_by_length:
+            first = step * self.per_step + (m * self.world + self.rank) * bs
+            return [self.stream[i] for i in range(first, first + bs)]
+        chunks = self._grouped(step // GROUP_WINDOW_STEPS)
+        return chunks[(step % GROUP_WINDOW_STEPS) * self.accumulation * self.world + m * self.world + self.rank]
+
+    def _grouped(self, window: int) -> list[list[int]]:
+        if self._window[0] != window:
+            import random
+
+            n = GROUP_WINDOW_STEPS * self.per_step
+            indices = [self.stream[i] for i in range(window * n, (window + 1) * n)]
+            lengths = getattr(self.examples, "lengths", None)
+            length = (lambda i: int(lengths[i])) if lengths is not None else (
+                lambda i: len(self.examples[i]["input_ids"]))
+            indices.sort(key=lambda i: -length(i))  # stable: ties keep the seeded order
+            chunks = [indices[k:k + self.batch_size] for k in range(0, n, self.batch_size)]
+            random.Random(f"{self.seed}:{window}").shuffle(chunks)
+            self._window = (window, chunks)
+        return self._window[1]
+
     def batches(self, step: int) -> list[Batch]:
-        bs, base, out = self.batch_size, step * self.per_step, []
+        out = []
         for m in range(self.accumulation):
-            first = base + (m * self.world + self.rank) * bs
-            indices = [self.stream[i] for i in range(first, first + bs)]
-            out.append(Batch.of(pad_batch([self.examples[i] for i in indices], self.pad), self.device, indices))
+            indices = self.micro_batch_indices(step, m)
+            rows = [self.examples[i] for i in indices]
+            if self.pack_rows:  # rows as long as the longest example: no padding, no row longer than unpacked
+                longest = max(len(r["input_ids"]) for r in rows)
+                packed = pack_batch(rows, self.pad, min(self.pack_rows, longest))
+                out.append(Batch.of(packed, self.device, [indices[k] for k in packed["order"]]))
+            else:
+                out.append(Batch.of(pad_batch(rows, self.pad), self.device, indices))
         return out
 
 

@@ -142,6 +142,8 @@ def build_estimate(plan: RunPlan, examples) -> Estimate:
     lengths = getattr(examples, "lengths", None)
     longest = int(lengths.max(initial=0)) if lengths is not None else max(
         (len(ex.get("input_ids", ())) for ex in examples), default=0)
+    if plan.data.packing:  # packed rows fill up to --max_seq_len whatever the examples' lengths
+        longest = plan.data.max_seq_len
     run = run_shape(plan, extra, longest_prompt(examples) if generates(plan) else 0, longest)
     visible, visible_what = visible_memory(run.device)
     est = estimate(run, student, teachers, len(examples), data_bytes(examples) if run.device == "cpu" else 0, visible)

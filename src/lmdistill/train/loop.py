@@ -108,8 +108,10 @@ class Trainer(CheckpointMixin):
         if plan.source.generation is not None:
             self.generator = StudentGenerator(plan.source.generation, self.tokenizer, s.seed, self.rank, self.device,
                                               plan.dtype, self.unwrapped, lambda: self.global_step)
+        d = plan.data
         dataset = DatasetStream(self.examples, self.tokenizer.pad_token_id, s.batch_size, s.accumulation_steps,
-                                s.seed, self.world, self.rank, self.device)
+                                s.seed, self.world, self.rank, self.device,
+                                pack_rows=d.max_seq_len if d.packing else None, group_by_length=d.group_by_length)
         self.source = SOURCES.part(plan.source.kind).build(plan, dataset, self) if self.distilling else dataset
         self.loss_fn = objective_fn(plan.objective.name)
         head = lm_head_of(self.model)
@@ -142,7 +144,7 @@ class Trainer(CheckpointMixin):
         """The objective's loss of one micro-batch times `scale` (LossParts) and the MoE aux loss or None. The
         scale goes into the fused loss (`loss_scale`) unless a GradScaler multiplies the loss again later."""
         layers = self.projectors.student_layers if self.projectors is not None else None
-        out = forward_hidden(self.model, batch.input_ids, batch.attention_mask, layers=layers)
+        out = forward_hidden(self.model, **batch.model_inputs(), layers=layers)
         parts = self.loss_fn(self, batch, out, scale, scale if self.acc.scaler is None else None)
         return parts, out.aux_loss
 

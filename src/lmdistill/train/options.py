@@ -51,6 +51,13 @@ def _common(p: argparse.ArgumentParser, command: str) -> None:
     a("--batch_size", type=POSITIVE, default=8, help="examples per micro-batch per process")
     a("--accumulation_steps", type=POSITIVE, default=1, help="micro-batches per optimizer step")
     a("--max_seq_len", type=int_at_least(2), default=512, help="examples are truncated to this many tokens")
+    a("--packing", action="store_true",
+      help="several examples per row: each micro-batch's --batch_size examples packed first-fit into rows as long as "
+           "its longest example, attention kept inside each example and positions restarting per example: the "
+           "padding goes, the examples per step stay the same")
+    a("--group_by_length", action="store_true",
+      help="micro-batches of examples of similar length (sorted within windows of 64 steps, batch order shuffled): "
+           "less padding, nothing asked of the model")
     # optimizer and schedule
     a("--learning_rate", "--lr", dest="learning_rate", type=POSITIVE_FLOAT, default=5e-4,
       help="peak AdamW learning rate")

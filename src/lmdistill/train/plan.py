@@ -51,6 +51,8 @@ class DataPlan:
     mode: str = "examples"  # examples | prompts (every reply is the student's) | cross (both tokenizations)
     eval_path: str | None = None
     num_proc: int | None = None  # processes that build the tokenized store (None: every core)
+    packing: bool = False  # several examples a row of max_seq_len tokens, attention kept inside each
+    group_by_length: bool = False  # length-grouped micro-batches
     cache_dir: str | None = None  # where stores live (None: $LMDISTILL_CACHE/data or ~/.cache/lmdistill/data)
 
 

@@ -63,6 +63,9 @@ def check(values: Mapping[str, Any], command: str) -> RunPlan:
         source = selected_source(v)
         source.check(v, teacher)
         _check_objective(v, teacher)
+    if v["packing"] and distill and source.name != "dataset":
+        raise LmdistillError(f"--packing: not combined with the {source.name.replace('_', ' ')} batch source yet "
+                             "(its rows are made per example); drop --packing, or use --group_by_length.")
     check_device(v["device"])
     health_plan = health.check_options(v, command, teacher)
     _check_inputs(v, distill, teacher)
@@ -94,7 +97,8 @@ def _plan(v: dict, command: str, tokenizer, teacher, source, health_plan, resume
         student=StudentPlan(ref, flag, overrides, lora, v["gradient_checkpointing"]),
         teacher=teacher,
         data=DataPlan(v["data"], v["data_format"], v["skip_bad_records"], v["max_seq_len"],
-                      source.data_mode(v) if distill else "examples", v["eval_data"], v["num_proc"], v["data_cache"]),
+                      source.data_mode(v) if distill else "examples", v["eval_data"], num_proc=v["num_proc"],
+                      cache_dir=v["data_cache"], packing=v["packing"], group_by_length=v["group_by_length"]),
         source=SourcePlan(source.name, v["on_policy_fraction"] if distill else 0.0, generation, source.settings(v)),
         objective=_objective(v, source) if distill else Objective("ce"),
         schedule=Schedule(v["max_steps"], v["epochs"], v["batch_size"], v["accumulation_steps"], v["learning_rate"],

@@ -120,9 +120,24 @@ def build(plan: RunPlan, device, is_main: bool) -> Setup:
         _set_vocabulary(tokenizer, student, leaves, teacher_tokenizer)
         teacher = assemble(plan.teacher, ctx, list(leaves))
         teacher.check_examples(examples)
+    if plan.data.packing:
+        _check_packable([("--student", student)] + [(leaf.name, leaf.model) for leaf in
+                                                    (teacher.members() if teacher is not None else [])
+                                                    if getattr(leaf, "model", None) is not None])
     if plan.objective.feature is not None:
         attach_projectors(plan, student, teacher, is_main)
     return Setup(tokenizer, student, teacher, examples, eval_examples)
+
+
+def _check_packable(models: list) -> None:
+    from lmdistill.models.hidden import packing_blocker
+
+    for name, model in models:
+        blocker = packing_blocker(model)
+        if blocker is not None:
+            raise LmdistillError(f"--packing: {name} is {blocker}, which cannot keep packed examples apart; drop "
+                                 "--packing and use --group_by_length (length-grouped batches need nothing of the "
+                                 "model).")
 
 
 def _set_vocabulary(tokenizer, student, leaves: list, teacher_tokenizer) -> None:
