@@ -182,3 +182,22 @@ def test_load_examples_reads_through_the_store_and_prepare_prints_it(tiny_tokeni
                  "--prepare", "--data_cache", str(tmp_path / "c"), "--num_proc", "1"]) == 0
     out = capsys.readouterr().out
     assert f"store: {examples.folder} (" in out and f"{len(examples):,} examples" in out
+
+
+def test_a_store_that_cannot_be_written_says_so_and_leaves_nothing(tiny_tokenizer_dir, tiny_chat, tmp_path,
+                                                                  monkeypatch):
+    import errno
+
+    import datasets
+
+    from lmdistill.errors import DiskWriteError
+    from lmdistill.tokenizer import load_tokenizer
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", full)
+    cache = tmp_path / "cache"
+    with pytest.raises(DiskWriteError, match="writing the tokenized store .* no space left on the device"):
+        open_or_build(tiny_chat, load_tokenizer(tiny_tokenizer_dir), 48, cache_dir=cache)
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []

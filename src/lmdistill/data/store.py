@@ -39,7 +39,7 @@ from lmdistill.data.formats import detect_format, normalize_format, parse_record
 from lmdistill.data.stats import DataStats, check_trainable
 from lmdistill.data.readers import check_readable, iter_raw_records
 from lmdistill.data.render import IGNORE_INDEX, chat_template, render_conversation_examples
-from lmdistill.errors import LmdistillError
+from lmdistill.errors import LmdistillError, guarded_write
 
 STORE_VERSION = 1
 FULL_HASH_BYTES = 64 * 2**20
@@ -164,16 +164,18 @@ def _build(path: Path, tokenizer, max_seq_len: int, data_format: str, skip_bad_r
     shutil.rmtree(tmp, ignore_errors=True)
     shown = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # the caller prints what was built
+    advice = "Free space or point --data_cache at a larger disk, then run the same command again."
     try:
-        kwargs = {"path": str(path), "tokenizer": tokenizer, "max_seq_len": max_seq_len, "fmt": fmt}
-        procs = max(1, min(len(shards), _cores(num_proc)))
-        rows = datasets.Dataset.from_generator(
-            _rows, gen_kwargs={**kwargs, "shards": shards}, num_proc=procs if procs > 1 else None,
-            cache_dir=str(tmp / "gen"), features=_features())
-        _finish(rows, stats, fmt, detected_at, skip_bad_records, max_seq_len, tmp)
-        del rows
-        shutil.rmtree(tmp / "gen", ignore_errors=True)
-        os.replace(tmp, folder)
+        with guarded_write(tmp, "the tokenized store", folder.parent, "no store was left behind", advice):
+            kwargs = {"path": str(path), "tokenizer": tokenizer, "max_seq_len": max_seq_len, "fmt": fmt}
+            procs = max(1, min(len(shards), _cores(num_proc)))
+            rows = datasets.Dataset.from_generator(
+                _rows, gen_kwargs={**kwargs, "shards": shards}, num_proc=procs if procs > 1 else None,
+                cache_dir=str(tmp / "gen"), features=_features())
+            _finish(rows, stats, fmt, detected_at, skip_bad_records, max_seq_len, tmp)
+            del rows
+            shutil.rmtree(tmp / "gen", ignore_errors=True)
+            os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -246,8 +248,7 @@ def _rows(shards: list, path: str, tokenizer, max_seq_len: int, fmt: str) -> Ite
     """The rows of some shards: one per example (or text document), and one per bad or dropped record/sequence."""
     for shard in shards:
         for raw in _raw_in_shard(path, shard):
-            base = {**EMPTY_ROW, "number": raw.number, "location": raw.location, "unit": raw.unit,
-                    "parsed": raw.error is None}
+            base = {**EMPTY_ROW, "number": raw.number}  # where and how it was read: only a bad record's row says
             try:
                 if raw.error is not None:
                     raise LmdistillError(raw.error)
@@ -257,7 +258,8 @@ def _rows(shards: list, path: str, tokenizer, max_seq_len: int, fmt: str) -> Ite
                     continue
                 sequences = render_conversation_examples(tokenizer, parsed)
             except LmdistillError as exc:
-                yield {**base, "kind": "bad", "error": str(exc)}
+                yield {**base, "kind": "bad", "error": str(exc), "location": raw.location, "unit": raw.unit,
+                       "parsed": raw.error is None}
                 continue
             for k, (ids, labels) in enumerate(sequences):
                 cut = len(ids) > max_seq_len
