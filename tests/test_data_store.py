@@ -201,3 +201,18 @@ def test_a_store_that_cannot_be_written_says_so_and_leaves_nothing(tiny_tokenize
     with pytest.raises(DiskWriteError, match="writing the tokenized store .* no space left on the device"):
         open_or_build(tiny_chat, load_tokenizer(tiny_tokenizer_dir), 48, cache_dir=cache)
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_large_file_is_identified_by_sampled_blocks(tmp_path, monkeypatch):
+    from lmdistill.data import identity
+
+    monkeypatch.setattr(identity, "FULL_HASH_BYTES", 1000)
+    monkeypatch.setattr(identity, "SAMPLE_BYTES", 100)
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(b"x" * 50_000)
+    first = identity.file_digest(path)
+    path.write_bytes(b"y" + b"x" * 49_999)  # the first block changed
+    assert identity.file_digest(path)["blake2b"] != first["blake2b"]
+    path.write_bytes(b"x" * 50_001)  # one byte more
+    assert identity.file_digest(path)["bytes"] == 50_001
+    assert identity.file_digest(path, with_mtime=True) != identity.file_digest(path)

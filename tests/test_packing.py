@@ -152,3 +152,10 @@ def test_length_grouping_takes_the_same_examples_per_window_in_other_batches(tin
         spread(plain.micro_batch_indices(s, 0)) for s in window) / 3
     again = DatasetStream(examples, 0, 4, 1, seed=5, group_by_length=True)
     assert [again.micro_batch_indices(s, 0) for s in (70, 3)] == [grouped.micro_batch_indices(s, 0) for s in (70, 3)]
+
+
+def test_group_by_length_and_packing_run_from_the_cli(tiny_teacher_dir, mixed_lengths, tmp_path):
+    for flags in (["--group_by_length"], ["--group_by_length", "--packing"]):
+        out = tmp_path / "-".join(flags)
+        argv = ["distill", *_argv("distill", tiny_teacher_dir, mixed_lengths, out, "--max_steps", 2, *flags)]
+        assert main(argv) == 0 and (out / "model.safetensors").is_file()

@@ -36,14 +36,13 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from lmdistill.data.formats import detect_format, normalize_format, parse_record
+from lmdistill.data.identity import file_digest
 from lmdistill.data.stats import DataStats, check_trainable
 from lmdistill.data.readers import check_readable, iter_raw_records
 from lmdistill.data.render import IGNORE_INDEX, chat_template, render_conversation_examples
 from lmdistill.errors import LmdistillError, guarded_write
 
 STORE_VERSION = 1
-FULL_HASH_BYTES = 64 * 2**20
-SAMPLE_BLOCKS, SAMPLE_BYTES = 64, 64 * 2**10
 RECORDS_PER_PROCESS = 2000  # fewer records than this per process are not worth another process
 SHARDS_PER_PROCESS = 4
 # a row: an example, a bad record, a dropped sequence (nothing trained after truncation) or a text document
@@ -57,28 +56,6 @@ def default_cache_dir() -> Path:
 
 
 # -- the key --------------------------------------------------------------------------------------------------
-def _file_digest(path: Path) -> dict:
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    h = hashlib.blake2b(digest_size=16)
-    total = 0
-    for f in files:
-        st = f.stat()
-        total += st.st_size
-        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-        with open(f, "rb") as stream:
-            if st.st_size <= FULL_HASH_BYTES:
-                for block in iter(lambda: stream.read(1 << 20), b""):
-                    h.update(block)
-            else:
-                step = (st.st_size - SAMPLE_BYTES) // (SAMPLE_BLOCKS - 1)
-                for k in range(SAMPLE_BLOCKS):
-                    stream.seek(k * step)
-                    h.update(stream.read(SAMPLE_BYTES))
-                stream.seek(max(0, st.st_size - SAMPLE_BYTES))
-                h.update(stream.read(SAMPLE_BYTES))
-    return {"bytes": total, "digest": h.hexdigest()}
-
-
 def tokenizer_digest(tokenizer) -> str:
     """A checksum of what tokenizes: the backend's serialized model (vocabulary, merges, normalizer, added
     tokens), the special tokens and the chat template."""
@@ -91,7 +68,7 @@ def tokenizer_digest(tokenizer) -> str:
 
 
 def store_key(path: str | Path, tokenizer, max_seq_len: int, data_format: str, skip_bad_records: bool) -> str:
-    inputs = {"version": STORE_VERSION, "file": _file_digest(Path(path)), "tokenizer": tokenizer_digest(tokenizer),
+    inputs = {"version": STORE_VERSION, "file": file_digest(path, with_mtime=True), "tokenizer": tokenizer_digest(tokenizer),
               "max_seq_len": max_seq_len, "format": normalize_format(data_format), "skip": bool(skip_bad_records)}
     return hashlib.blake2b(json.dumps(inputs, sort_keys=True).encode(), digest_size=12).hexdigest()
 
